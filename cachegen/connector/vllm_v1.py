@@ -1,0 +1,211 @@
+"""vLLM v1 KV connector: saves prompt chunks to the cachegen store and loads the longest cached prefix back.
+
+The only module that imports vLLM. Load it with::
+
+    kv_transfer_config={"kv_connector": "CacheGenConnector",
+                        "kv_connector_module_path": "cachegen.connector.vllm_v1",
+                        "kv_role": "kv_both",
+                        "kv_connector_extra_config": {"store": {...}, "codec": {...}, "stream": {...}}}
+
+vLLM builds two instances: the scheduler side (in the engine core: lookups, block bookkeeping, the per-step plan)
+and the worker side (next to the paged cache: loads and saves). They share only the store and the plan.
+Per request: ``cache_salt`` is the tenant; ``kv_transfer_params={"cachegen": {"load": bool, "save": bool}}``
+turns loading or saving off.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from cachegen.config import CodecSettings, StoreSettings, StreamSettings
+from cachegen.connector.plan import RequestState, TransferJob, load_spans, num_loadable_chunks, save_spans
+from cachegen.connector.worker import ConnectorWorker
+from cachegen.errors import CacheGenError, LayoutMismatch
+from cachegen.model import model_fingerprint
+from cachegen.spec import LEVEL_BY_NAME, KVLayout, chunk_keys
+from cachegen.store import open_store
+from cachegen.stream.fetch import ChunkCodec
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheGenMetadata(KVConnectorMetadata):
+    """What the worker does this step; built by the scheduler side once per step."""
+
+    loads: list[TransferJob] = field(default_factory=list)
+    saves: list[TransferJob] = field(default_factory=list)
+
+
+def _layout_of(vllm_config: Any, tokens_per_chunk: int) -> KVLayout:
+    model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
+    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+        raise LayoutMismatch("the cachegen connector supports one worker (tensor and pipeline parallel size 1)")
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype not in ("auto", None):
+        raise LayoutMismatch(f"the cachegen connector needs an unquantized KV cache, got cache_dtype={cache_dtype}")
+    block_size = vllm_config.cache_config.block_size
+    if tokens_per_chunk % block_size:
+        raise LayoutMismatch(f"tokens_per_chunk={tokens_per_chunk} must be a multiple of the block size {block_size}")
+    return KVLayout(
+        num_layers=model_config.get_num_layers(parallel),
+        num_kv_heads=model_config.get_num_kv_heads(parallel),
+        head_dim=model_config.get_head_size(),
+        dtype=str(model_config.dtype).removeprefix("torch."),
+        tokens_per_chunk=tokens_per_chunk,
+    )
+
+
+def _request_switch(request: Any, name: str) -> bool:
+    params = (getattr(request, "kv_transfer_params", None) or {}).get("cachegen") or {}
+    return bool(params.get(name, True))
+
+
+class CacheGenConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        store_settings = StoreSettings(**extra.get("store", {}))
+        codec_settings = CodecSettings(**extra.get("codec", {}))
+        stream_settings = StreamSettings(**extra.get("stream", {}))
+        if not store_settings.url:
+            raise CacheGenError("kv_connector_extra_config.store.url is required (e.g. disk:///var/cache/kv)")
+        layout = _layout_of(vllm_config, codec_settings.tokens_per_chunk)
+        model_id = model_fingerprint(Path(vllm_config.model_config.model), layout)
+        self._codec = ChunkCodec(layout, model_id, LEVEL_BY_NAME[codec_settings.level].id)
+        self._block_size = vllm_config.cache_config.block_size
+        self._blocks_per_chunk = layout.tokens_per_chunk // self._block_size
+        self._is_async = stream_settings.is_async_load
+        self._store = open_store(store_settings.url, store_settings.capacity_bytes)
+        self._requests: dict[str, RequestState] = {}
+        self._pending_loads: dict[str, tuple[int, int]] = {}  # request -> (local tokens, hit chunks)
+        self._queued_loads: list[TransferJob] = []
+        self._worker = ConnectorWorker(self._store, self._codec, self._block_size) if role == KVConnectorRole.WORKER else None
+        log.info(
+            "cachegen connector role=%s store=%s model_id=%s chunk_tokens=%d async_load=%s",
+            role.name, store_settings.url, model_id.hex(), layout.tokens_per_chunk, self._is_async,
+        )
+
+    # ---- scheduler side ---------------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Tokens beyond ``num_computed_tokens`` (the engine's own prefix-cache hit) that the store can supply.
+
+        Called by the scheduler, possibly several times per request, before blocks are allocated. Never raises:
+        a store that is down counts as a miss, and the engine recomputes.
+        """
+        prompt = list(request.prompt_token_ids or [])
+        keys = chunk_keys(prompt, self._codec.layout, self._codec.model_id, request.cache_salt or "", self._codec.level)
+        state = RequestState(keys=keys, is_save_enabled=_request_switch(request, "save"))
+        self._requests[request.request_id] = state
+        if not _request_switch(request, "load"):
+            return 0, False
+        try:
+            num_hit = len(self._store.lookup(keys[: num_loadable_chunks(len(prompt), self._codec.layout.tokens_per_chunk)]))
+        except CacheGenError as exc:
+            log.warning("store lookup failed, recomputing request=%s error=%s", request.request_id, exc)
+            return 0, False
+        state.num_stored_chunks = num_hit
+        num_new = num_hit * self._codec.layout.tokens_per_chunk - num_computed_tokens
+        if num_new <= 0:
+            return 0, False
+        self._pending_loads[request.request_id] = (num_computed_tokens, num_hit)
+        return num_new, self._is_async
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        """Called by the scheduler after allocating blocks; remembers them and queues the load if any."""
+        state = self._requests.get(request.request_id)
+        if state is None:
+            return
+        state.block_ids = list(blocks.get_block_ids()[0])
+        pending = self._pending_loads.pop(request.request_id, None)
+        if num_external_tokens <= 0 or pending is None:
+            return
+        num_local, num_hit = pending
+        spans = load_spans(state, num_hit, num_local, self._codec.layout.tokens_per_chunk, self._blocks_per_chunk)
+        self._queued_loads.append(TransferJob(request.request_id, spans))
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        """Called once per engine step: the loads queued since the last step plus the chunks completed by it."""
+        meta = CacheGenMetadata(loads=self._queued_loads)
+        self._queued_loads = []
+        for new in scheduler_output.scheduled_new_reqs:
+            self._queue_saves(meta, new.req_id, new.num_computed_tokens, scheduler_output, list(new.block_ids[0]))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            new_blocks = cached.new_block_ids[i]
+            state = self._requests.get(req_id)
+            if state is not None and new_blocks is not None:
+                resumed = req_id in cached.resumed_req_ids  # a resumed request lists all its blocks again
+                state.block_ids = list(new_blocks[0]) if resumed else state.block_ids + list(new_blocks[0])
+            self._queue_saves(meta, req_id, cached.num_computed_tokens[i], scheduler_output, None)
+        return meta
+
+    def _queue_saves(
+        self, meta: CacheGenMetadata, req_id: str, num_computed: int, output: Any, block_ids: list[int] | None
+    ) -> None:
+        state = self._requests.get(req_id)
+        if state is None:
+            return
+        if block_ids is not None:
+            state.block_ids = block_ids
+        num_prompt = len(state.keys) * self._codec.layout.tokens_per_chunk
+        num_after = num_computed + output.num_scheduled_tokens.get(req_id, 0)
+        spans = save_spans(state, num_after, num_prompt, self._codec.layout.tokens_per_chunk, self._blocks_per_chunk)
+        if spans:
+            meta.saves.append(TransferJob(req_id, spans))
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Forget the request. Saves copy their KV out at the end of the step, so blocks can be freed now."""
+        self._requests.pop(request.request_id, None)
+        self._pending_loads.pop(request.request_id, None)
+        return False, None
+
+    # ---- worker side ------------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        """Called once by the model runner with every layer's paged cache: learns the cache geometry."""
+        forward_context = self._vllm_config.compilation_config.static_forward_context
+        self._worker.attach(kv_caches, forward_context)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        """Called by the model runner each step: loads this step's chunks (in the background when async)."""
+        meta = self._get_connector_metadata()
+        for job in meta.loads:
+            self._worker.load(job, is_async=self._is_async)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete before the step's forward (sync) or before the request is scheduled (async)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # all layers of a chunk are copied out at once in wait_for_save
+
+    def wait_for_save(self) -> None:
+        """Called after the step's forward: copies completed chunks out; encoding and writing go on in background."""
+        if not self.has_connector_metadata():
+            return
+        for job in self._get_connector_metadata().saves:
+            self._worker.save(job)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, self._worker.take_finished_loads() or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_failed_blocks()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+        self._store.close()
