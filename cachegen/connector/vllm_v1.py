@@ -68,6 +68,16 @@ def _layout_of(vllm_config: Any, tokens_per_chunk: int) -> KVLayout:
     )
 
 
+def _log_through_vllm() -> None:
+    """Inside vLLM's processes, send cachegen's log records to vLLM's own handlers (else they are lost)."""
+    ours = logging.getLogger("cachegen")
+    if not ours.handlers:
+        for handler in logging.getLogger("vllm").handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.getLogger("vllm").level or logging.INFO)
+        ours.propagate = False
+
+
 def _request_switch(request: Any, name: str) -> bool:
     params = (getattr(request, "kv_transfer_params", None) or {}).get("cachegen") or {}
     return bool(params.get(name, True))
@@ -76,6 +86,7 @@ def _request_switch(request: Any, name: str) -> bool:
 class CacheGenConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        _log_through_vllm()
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         store_settings = StoreSettings(**extra.get("store", {}))
         codec_settings = CodecSettings(**extra.get("codec", {}))
