@@ -40,6 +40,10 @@ class InvalidRequest(CacheGenError):
     """A request that cannot be served as given (bad argument, bad credentials are separate)."""
 
 
+class Unauthenticated(CacheGenError):
+    """The call carried no bearer token, or one the service does not know."""
+
+
 class ModelNotReady(CacheGenError):
     """The model directory is missing or broken; the message names the fix."""
 
@@ -54,6 +58,7 @@ STATUS_TABLE: dict[type[CacheGenError], tuple[str, int]] = {
     DeadlineExceeded: ("DEADLINE_EXCEEDED", 504),
     InvalidRequest: ("INVALID_ARGUMENT", 400),
     ModelNotReady: ("FAILED_PRECONDITION", 503),
+    Unauthenticated: ("UNAUTHENTICATED", 401),
 }
 
 
