@@ -1,0 +1,85 @@
+"""Which level to fetch for the next chunk of a cached prefix, or whether to stop and recompute the rest.
+
+CacheGen's rule, done with measurements: the time left before the time-to-first-token target, minus the
+suffix prefill that must follow, is spread evenly over the chunks still to come; the next chunk gets the
+highest-quality level whose transfer fits its share at the estimated throughput. The engine's computed tokens
+must form a prefix, so a chunk sent as text means every later chunk is recomputed too: "text" stops the fetch.
+Pure and deterministic: the same measurements give the same decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+RECOMPUTE = -1
+"""The decision to stop fetching and let the engine prefill the remaining chunks from their tokens."""
+
+
+@dataclass(frozen=True, slots=True)
+class LevelOption:
+    """One stored level of one chunk. ``quality`` orders levels: higher is closer to the exact KV."""
+
+    level: int
+    size_bytes: int
+    quality: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpeeds:
+    """This node's measured speeds (runtime discoveries, never settings)."""
+
+    decode_bytes_per_s: float
+    """Coded bytes decoded and injected per second; overlaps the next chunk's fetch."""
+    prefill_tokens_per_s: float
+    """Prefill throughput of this engine: the price of recomputing a chunk."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTarget:
+    """Per-request goals."""
+
+    slo_s: float
+    """Time-to-first-token target, counted from the start of the fetch."""
+    min_quality: int = 0
+    """No level below this quality is fetched; recompute (exact) is always allowed."""
+    suffix_tokens: int = 0
+    """Tokens after the cached prefix that must be prefilled before the first token."""
+
+
+def chunk_seconds(option: LevelOption, bandwidth_bps: float, speeds: NodeSpeeds) -> float:
+    """Critical-path time of one chunk: fetch and decode overlap across chunks, so the slower one counts."""
+    transfer_s = 8 * option.size_bytes / max(bandwidth_bps, 1.0)
+    decode_s = option.size_bytes / max(speeds.decode_bytes_per_s, 1.0)
+    return max(transfer_s, decode_s)
+
+
+def recompute_seconds(num_tokens: int, speeds: NodeSpeeds) -> float:
+    return num_tokens / max(speeds.prefill_tokens_per_s, 1e-9)
+
+
+def choose(
+    remaining: Sequence[Sequence[LevelOption]],
+    elapsed_s: float,
+    bandwidth_bps: float,
+    speeds: NodeSpeeds,
+    target: StreamTarget,
+    tokens_per_chunk: int,
+) -> int:
+    """Level for ``remaining[0]`` (each entry: the levels held for one chunk, in chunk order), or RECOMPUTE."""
+    allowed = [[o for o in chunk if o.quality >= target.min_quality] for chunk in remaining]
+    if not remaining or not allowed[0]:
+        return RECOMPUTE
+    suffix_s = recompute_seconds(target.suffix_tokens, speeds)
+    budget_s = (target.slo_s - elapsed_s - suffix_s) / len(remaining)
+    for option in sorted(allowed[0], key=lambda o: -o.quality):
+        if chunk_seconds(option, bandwidth_bps, speeds) <= budget_s:
+            return option.level
+    # Nothing fits the even share: take the fastest way to the first token, fetching the smallest levels up to
+    # the first chunk that has no allowed level (recomputing from there), or recomputing everything from here.
+    fetchable = next((i for i, chunk in enumerate(allowed) if not chunk), len(allowed))
+    fetch_s = sum(min(chunk_seconds(o, bandwidth_bps, speeds) for o in chunk) for chunk in allowed[:fetchable])
+    fetch_s += recompute_seconds((len(remaining) - fetchable) * tokens_per_chunk, speeds)
+    if recompute_seconds(len(remaining) * tokens_per_chunk, speeds) <= fetch_s:
+        return RECOMPUTE
+    return min(allowed[0], key=lambda o: chunk_seconds(o, bandwidth_bps, speeds)).level
