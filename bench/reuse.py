@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         row["speedup"] = row["ttft_full_s"] / row["ttft_reuse_s"]
         rows.append(row)
     _print_table(rows)
-    emit({"bench": "reuse", **run_header(settings), "level": settings.codec.level, "results": rows}, args.json_path)
+    emit({"bench": "reuse", **run_header(settings), "save_levels": settings.codec.save_levels, "results": rows}, args.json_path)
     return 0 if all(row["outputs_identical"] for row in rows) else 1
 
 

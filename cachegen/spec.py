@@ -67,8 +67,16 @@ class Level:
     is_lossless: bool
 
 
-LEVELS: tuple[Level, ...] = (Level(0, "raw", True),)
-"""Level 0 stores the engine's KV values as they are (bf16 for SmolLM2); coded levels follow."""
+LEVELS: tuple[Level, ...] = (
+    Level(0, "raw", True),
+    Level(1, "lossless", True),
+    Level(2, "q8", False),
+    Level(3, "q32", False),
+    Level(4, "default", False),
+    Level(5, "small", False),
+)
+"""Level 0 stores the engine's KV values as they are (bf16 for SmolLM2); coded levels follow, largest first.
+Levels 1-5 are rANS-coded with per-model tables (``cachegen calibrate``); FORMAT.md §5 defines each."""
 
 LEVEL_BY_NAME = {level.name: level for level in LEVELS}
 RAW_LEVEL = LEVELS[0]
@@ -136,3 +144,14 @@ def chunk_keys(
     hashes = prefix_hashes(token_ids, layout.tokens_per_chunk, seed)
     digest = layout.digest()
     return [ChunkKey(model_id, digest, h, i, level) for i, h in enumerate(hashes)]
+
+
+def level_quality(level_id: int) -> int:
+    """The planner's order of levels, higher is better: exact levels above every lossy one (the coded exact
+    level above raw: same values, fewer bytes), then lossy levels in ``LEVELS`` order (larger, finer first)."""
+    exact = sorted((level.id for level in LEVELS if level.is_lossless), reverse=True)
+    lossy = [level.id for level in LEVELS if not level.is_lossless]
+    order = exact + lossy
+    if level_id not in order:
+        raise ValueError(f"unknown level id {level_id}")
+    return len(order) - order.index(level_id)

@@ -6,6 +6,7 @@ blocks, so chunk i lives in blocks ``[i * blocks_per_chunk, (i + 1) * blocks_per
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cachegen.spec import ChunkKey
@@ -20,6 +21,8 @@ class ChunkSpan:
     block_ids: tuple[int, ...]
     first_token: int = 0
     """Offset inside the chunk of the first token to write; >0 when the engine's prefix cache holds the start."""
+    levels: tuple[tuple[int, int], ...] = ()
+    """(level id, stored bytes) held in the store for this chunk, from the lookup."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,11 @@ class TransferJob:
 
     request_id: str
     spans: tuple[ChunkSpan, ...]
+    slo_s: float = float("inf")
+    """Time-to-first-token target for the load (loads only)."""
+    min_quality: int = 0
+    suffix_tokens: int = 0
+    """Prompt tokens after the loaded prefix, prefilled after the load (loads only)."""
 
 
 @dataclass(slots=True)
@@ -59,17 +67,18 @@ def chunk_block_ids(block_ids: list[int], chunk_index: int, blocks_per_chunk: in
 
 
 def load_spans(
-    state: RequestState, num_hit_chunks: int, num_local_tokens: int, tokens_per_chunk: int, blocks_per_chunk: int
+    state: RequestState, hits: Sequence[Mapping[int, int]], num_local_tokens: int, tokens_per_chunk: int,
+    blocks_per_chunk: int,
 ) -> tuple[ChunkSpan, ...]:
-    """Spans that load chunks ``[num_local_tokens // tokens_per_chunk, num_hit_chunks)``.
+    """Spans that load chunks ``[num_local_tokens // tokens_per_chunk, len(hits))``; ``hits[i]``: levels held.
 
     ``num_local_tokens`` (block-aligned) are already in the engine's prefix cache and are not overwritten.
     """
     spans = []
-    for index in range(num_local_tokens // tokens_per_chunk, num_hit_chunks):
+    for index in range(num_local_tokens // tokens_per_chunk, len(hits)):
         first = max(num_local_tokens - index * tokens_per_chunk, 0)
         blocks = chunk_block_ids(state.block_ids, index, blocks_per_chunk)
-        spans.append(ChunkSpan(index, state.keys[index], blocks, first))
+        spans.append(ChunkSpan(index, state.keys[index], blocks, first, tuple(sorted(hits[index].items()))))
     return tuple(spans)
 
 

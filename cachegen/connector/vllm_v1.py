@@ -16,6 +16,7 @@ turns loading or saving off.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from cachegen.codec import default_tables_path, load_tables
 from cachegen.config import CodecSettings, StoreSettings, StreamSettings
 from cachegen.connector.plan import RequestState, TransferJob, load_spans, num_loadable_chunks, save_spans
 from cachegen.connector.worker import ConnectorWorker
@@ -33,7 +35,10 @@ from cachegen.errors import CacheGenError, LayoutMismatch
 from cachegen.model import model_fingerprint
 from cachegen.spec import LEVEL_BY_NAME, KVLayout, chunk_keys
 from cachegen.store import open_store
+from cachegen.stream.bandwidth import LinkShaper, TracePoint, parse_rate, parse_trace
 from cachegen.stream.fetch import ChunkCodec
+from cachegen.stream.policy import NodeSpeeds
+from cachegen.stream.streamer import Streamer
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -47,6 +52,7 @@ class CacheGenMetadata(KVConnectorMetadata):
 
     loads: list[TransferJob] = field(default_factory=list)
     saves: list[TransferJob] = field(default_factory=list)
+    num_scheduled_tokens: int = 0
 
 
 def _layout_of(vllm_config: Any, tokens_per_chunk: int) -> KVLayout:
@@ -78,9 +84,29 @@ def _log_through_vllm() -> None:
         ours.propagate = False
 
 
-def _request_switch(request: Any, name: str) -> bool:
-    params = (getattr(request, "kv_transfer_params", None) or {}).get("cachegen") or {}
-    return bool(params.get(name, True))
+def _request_params(request: Any) -> dict[str, Any]:
+    """The request's own cachegen knobs: ``kv_transfer_params={"cachegen": {...}}``."""
+    params = (getattr(request, "kv_transfer_params", None) or {}).get("cachegen")
+    return params if isinstance(params, dict) else {}
+
+
+def _chunk_codec(layout: KVLayout, model_id: bytes, settings: CodecSettings, home: str) -> ChunkCodec:
+    levels = tuple(LEVEL_BY_NAME[name].id for name in settings.save_levels)
+    path = Path(settings.tables_path) if settings.tables_path else default_tables_path(Path(home), model_id)
+    tables = load_tables(path.read_bytes()) if path.is_file() else None
+    if tables is None and any(level != 0 for level in levels):
+        raise CacheGenError(f"save levels {settings.save_levels} need calibrated tables at {path}: run cachegen calibrate")
+    return ChunkCodec(layout, model_id, levels, tables)
+
+
+def _streamer(store: Any, chunk_codec: ChunkCodec, settings: StreamSettings) -> Streamer:
+    shaper = None
+    if settings.shape_trace:
+        is_file = Path(settings.shape_trace).is_file()
+        trace = parse_trace(Path(settings.shape_trace).read_text()) if is_file else [TracePoint(0, parse_rate(settings.shape_trace))]
+        shaper = LinkShaper(trace)
+    speeds = NodeSpeeds(settings.prior_decode_bytes_per_s, settings.prior_prefill_tokens_per_s)
+    return Streamer(store, chunk_codec, speeds, settings.prior_bandwidth_bps, shaper)
 
 
 class CacheGenConnector(KVConnectorBase_V1):
@@ -95,18 +121,23 @@ class CacheGenConnector(KVConnectorBase_V1):
             raise CacheGenError("kv_connector_extra_config.store.url is required (e.g. disk:///var/cache/kv)")
         layout = _layout_of(vllm_config, codec_settings.tokens_per_chunk)
         model_id = model_fingerprint(Path(vllm_config.model_config.model), layout)
-        self._codec = ChunkCodec(layout, model_id, LEVEL_BY_NAME[codec_settings.level].id)
+        self._codec = _chunk_codec(layout, model_id, codec_settings, extra.get("home", "."))
+        self._stream_settings = stream_settings
         self._block_size = vllm_config.cache_config.block_size
         self._blocks_per_chunk = layout.tokens_per_chunk // self._block_size
-        self._is_async = stream_settings.is_async_load
         self._store = open_store(store_settings.url, store_settings.capacity_bytes)
         self._requests: dict[str, RequestState] = {}
-        self._pending_loads: dict[str, tuple[int, int]] = {}  # request -> (local tokens, hit chunks)
+        self._pending_loads: dict[str, tuple[int, list]] = {}  # request -> (local tokens, levels held per chunk)
         self._queued_loads: list[TransferJob] = []
-        self._worker = ConnectorWorker(self._store, self._codec, self._block_size) if role == KVConnectorRole.WORKER else None
+        self._step_started: float | None = None
+        self._worker = None
+        if role == KVConnectorRole.WORKER:
+            streamer = _streamer(self._store, self._codec, stream_settings)
+            self._worker = ConnectorWorker(self._store, self._codec, streamer, self._block_size)
         log.info(
-            "cachegen connector role=%s store=%s model_id=%s chunk_tokens=%d async_load=%s",
-            role.name, store_settings.url, model_id.hex(), layout.tokens_per_chunk, self._is_async,
+            "cachegen connector role=%s store=%s model_id=%s chunk_tokens=%d save_levels=%s async_load=%s",
+            role.name, store_settings.url, model_id.hex(), layout.tokens_per_chunk, codec_settings.save_levels,
+            stream_settings.is_async_load,
         )
 
     # ---- scheduler side ---------------------------------------------------------------------------------
@@ -118,22 +149,23 @@ class CacheGenConnector(KVConnectorBase_V1):
         a store that is down counts as a miss, and the engine recomputes.
         """
         prompt = list(request.prompt_token_ids or [])
-        keys = chunk_keys(prompt, self._codec.layout, self._codec.model_id, request.cache_salt or "", self._codec.level)
-        state = RequestState(keys=keys, is_save_enabled=_request_switch(request, "save"))
+        keys = chunk_keys(prompt, self._codec.layout, self._codec.model_id, request.cache_salt or "")
+        params = _request_params(request)
+        state = RequestState(keys=keys, is_save_enabled=bool(params.get("save", True)))
         self._requests[request.request_id] = state
-        if not _request_switch(request, "load"):
+        if not params.get("load", True):
             return 0, False
         try:
-            num_hit = len(self._store.lookup(keys[: num_loadable_chunks(len(prompt), self._codec.layout.tokens_per_chunk)]))
+            hits = self._store.lookup(keys[: num_loadable_chunks(len(prompt), self._codec.layout.tokens_per_chunk)])
         except CacheGenError as exc:
             log.warning("store lookup failed, recomputing request=%s error=%s", request.request_id, exc)
             return 0, False
-        state.num_stored_chunks = num_hit
-        num_new = num_hit * self._codec.layout.tokens_per_chunk - num_computed_tokens
+        state.num_stored_chunks = len(hits)
+        num_new = len(hits) * self._codec.layout.tokens_per_chunk - num_computed_tokens
         if num_new <= 0:
             return 0, False
-        self._pending_loads[request.request_id] = (num_computed_tokens, num_hit)
-        return num_new, self._is_async
+        self._pending_loads[request.request_id] = (num_computed_tokens, [info.levels for info in hits])
+        return num_new, self._stream_settings.is_async_load
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         """Called by the scheduler after allocating blocks; remembers them and queues the load if any."""
@@ -144,13 +176,18 @@ class CacheGenConnector(KVConnectorBase_V1):
         pending = self._pending_loads.pop(request.request_id, None)
         if num_external_tokens <= 0 or pending is None:
             return
-        num_local, num_hit = pending
-        spans = load_spans(state, num_hit, num_local, self._codec.layout.tokens_per_chunk, self._blocks_per_chunk)
-        self._queued_loads.append(TransferJob(request.request_id, spans))
+        num_local, hits = pending
+        tokens_per_chunk = self._codec.layout.tokens_per_chunk
+        spans = load_spans(state, hits, num_local, tokens_per_chunk, self._blocks_per_chunk)
+        params, defaults = _request_params(request), self._stream_settings
+        slo_s = float(params["slo_ms"]) / 1e3 if "slo_ms" in params else defaults.slo_s
+        suffix = len(request.prompt_token_ids or []) - len(hits) * tokens_per_chunk
+        job = TransferJob(request.request_id, spans, slo_s, int(params.get("min_quality", defaults.min_quality)), suffix)
+        self._queued_loads.append(job)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         """Called once per engine step: the loads queued since the last step plus the chunks completed by it."""
-        meta = CacheGenMetadata(loads=self._queued_loads)
+        meta = CacheGenMetadata(loads=self._queued_loads, num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens)
         self._queued_loads = []
         for new in scheduler_output.scheduled_new_reqs:
             self._queue_saves(meta, new.req_id, new.num_computed_tokens, scheduler_output, list(new.block_ids[0]))
@@ -191,11 +228,16 @@ class CacheGenConnector(KVConnectorBase_V1):
         forward_context = self._vllm_config.compilation_config.static_forward_context
         self._worker.attach(kv_caches, forward_context)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Called by the model runner before each step's forward; the step's duration prices recompute."""
+        super().bind_connector_metadata(connector_metadata)
+        self._step_started = time.perf_counter()
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         """Called by the model runner each step: loads this step's chunks (in the background when async)."""
         meta = self._get_connector_metadata()
         for job in meta.loads:
-            self._worker.load(job, is_async=self._is_async)
+            self._worker.load(job, is_async=self._stream_settings.is_async_load)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete before the step's forward (sync) or before the request is scheduled (async)
@@ -207,7 +249,10 @@ class CacheGenConnector(KVConnectorBase_V1):
         """Called after the step's forward: copies completed chunks out; encoding and writing go on in background."""
         if not self.has_connector_metadata():
             return
-        for job in self._get_connector_metadata().saves:
+        meta = self._get_connector_metadata()
+        if self._step_started is not None and not meta.loads:
+            self._worker.observe_step(meta.num_scheduled_tokens, time.perf_counter() - self._step_started)
+        for job in meta.saves:
             self._worker.save(job)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:

@@ -1,9 +1,10 @@
 """Worker side of the connector: moves chunks between the store and the engine's paged cache.
 
-Loads run in the engine's step (sync) or on a loader thread (async: the scheduler keeps the request waiting
-until ``take_finished_loads`` reports it). Saves copy the KV out during the step, so the engine may free the
-blocks at once; encoding and writing continue on a saver thread. No error ever reaches the engine: a chunk
-that cannot be loaded has its blocks reported as failed, and vLLM recomputes from there.
+Loads stream through ``cachegen.stream.Streamer`` (level per chunk, fetch overlapped with decode and injection),
+in the engine's step (sync) or on a loader thread (async: the scheduler keeps the request waiting until
+``take_finished_loads`` reports it). Saves copy the KV out during the step, so the engine may free the blocks
+at once; encoding and writing continue on a saver thread. No error ever reaches the engine: the blocks of every
+chunk that was not injected are reported as failed, and vLLM recomputes from the first of them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from cachegen.connector.paged import PagedKV, layer_order, slots_for
 from cachegen.connector.plan import ChunkSpan, TransferJob
 from cachegen.errors import CacheGenError
 from cachegen.store import KVStore
-from cachegen.stream.fetch import ChunkCodec, fetch_chunk, store_chunk
+from cachegen.stream.fetch import ChunkCodec, store_chunk
+from cachegen.stream.policy import StreamTarget
+from cachegen.stream.streamer import StreamChunk, Streamer
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +38,8 @@ def _layer_writer(layer: Any):
 
 
 class ConnectorWorker:
-    def __init__(self, store: KVStore, chunk_codec: ChunkCodec, block_size: int) -> None:
-        self._store, self._codec, self._block_size = store, chunk_codec, block_size
+    def __init__(self, store: KVStore, chunk_codec: ChunkCodec, streamer: Streamer, block_size: int) -> None:
+        self._store, self._codec, self._streamer, self._block_size = store, chunk_codec, streamer, block_size
         self._paged: PagedKV | None = None
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="cachegen-load")
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="cachegen-save")
@@ -54,7 +57,9 @@ class ConnectorWorker:
 
     def load(self, job: TransferJob, is_async: bool) -> None:
         if not is_async:
-            self._failed_blocks |= self._load_job(job)
+            failed = self._load_job(job)
+            with self._lock:
+                self._failed_blocks |= failed
             return
         future = self._loader.submit(self._load_job, job)
         future.add_done_callback(lambda done, request_id=job.request_id: self._load_done(request_id, done))
@@ -65,32 +70,28 @@ class ConnectorWorker:
             self._finished_loads.add(request_id)
 
     def _load_job(self, job: TransferJob) -> set[int]:
-        """Load every span of a job; returns the block ids that could not be filled."""
-        failed: set[int] = set()
-        num_loaded = 0
-        for span in job.spans:
-            if not failed and self._load_span(job.request_id, span):
-                num_loaded += 1
-                continue
-            # vLLM recomputes from the first failed block on, so later chunks are not worth loading.
-            failed.update(span.block_ids[span.first_token // self._block_size :])
-        log.info(
-            "kv loaded request=%s chunks=%d failed_chunks=%d",
-            job.request_id, num_loaded, len(job.spans) - num_loaded,
-        )
-        return failed
+        """Stream a job's spans into the cache; returns the blocks of every span that was not injected."""
+        chunks = [StreamChunk(span.key, dict(span.levels)) for span in job.spans]
+        target = StreamTarget(job.slo_s, job.min_quality, job.suffix_tokens)
 
-    def _load_span(self, request_id: str, span: ChunkSpan) -> bool:
+        def inject(position: int, kv: torch.Tensor) -> None:
+            span = job.spans[position]
+            self._paged.write(kv[:, :, :, span.first_token :], slots_for(span.block_ids, self._block_size, span.first_token))
+
         try:
-            kv = fetch_chunk(self._store, span.key, self._codec)
-            slots = slots_for(span.block_ids, self._block_size, span.first_token)
-            self._paged.write(kv[:, :, :, span.first_token :], slots)
-            return True
-        except CacheGenError as exc:
-            log.warning("chunk load failed, recomputing request=%s chunk=%d error=%s", request_id, span.index, exc)
+            report = self._streamer.run(chunks, target, inject)
         except Exception:  # a bug must cost a recompute, never the engine
-            log.exception("chunk load crashed, recomputing request=%s chunk=%d", request_id, span.index)
-        return False
+            log.exception("stream crashed, recomputing request=%s", job.request_id)
+            return self._blocks_from(job.spans, 0)
+        log.info(
+            "kv loaded request=%s chunks=%d failed_chunks=%d levels=%s bytes=%d ms=%.1f%s",
+            job.request_id, report.num_injected, len(job.spans) - report.num_injected, report.levels,
+            report.bytes_fetched, 1e3 * report.fetch_s, f" stop={report.stop_reason!r}" if report.stop_reason else "",
+        )
+        return self._blocks_from(job.spans, report.num_injected)
+
+    def _blocks_from(self, spans: tuple[ChunkSpan, ...], first: int) -> set[int]:
+        return {b for span in spans[first:] for b in span.block_ids[span.first_token // self._block_size :]}
 
     def save(self, job: TransferJob) -> None:
         """Copy each span's KV out of the cache now; encode and store it on the saver thread."""
@@ -107,6 +108,9 @@ class ConnectorWorker:
         except Exception:
             log.exception("chunk save crashed request=%s chunk=%d", request_id, span.index)
 
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        self._streamer.observe_prefill(num_tokens, seconds)
+
     def take_finished_loads(self) -> set[str]:
         """Requests whose async load ended since the last call; their failed blocks become reportable now."""
         with self._lock:
@@ -119,10 +123,6 @@ class ConnectorWorker:
         with self._lock:
             failed, self._failed_blocks = self._failed_blocks, set()
         return failed
-
-    def flush(self) -> None:
-        """Wait until every queued save is in the store."""
-        self._saver.submit(lambda: None).result()
 
     def close(self) -> None:
         self._loader.shutdown(wait=True)

@@ -36,10 +36,12 @@ def test_chunk_blocks():
 
 def test_load_skips_what_the_engine_prefix_cache_holds():
     state = _state(128)
-    spans = load_spans(state, num_hit_chunks=3, num_local_tokens=48, tokens_per_chunk=32, blocks_per_chunk=2)
+    hits = [{0: 4096}, {0: 4096, 3: 900}, {0: 4096}]
+    spans = load_spans(state, hits, num_local_tokens=48, tokens_per_chunk=32, blocks_per_chunk=2)
     assert [s.index for s in spans] == [1, 2]
     assert spans[0].first_token == 16 and spans[1].first_token == 0
     assert spans[0].block_ids == (102, 103) and spans[0].key == state.keys[1]
+    assert spans[0].levels == ((0, 4096), (3, 900))
 
 
 def test_saves_each_chunk_once_as_prefill_advances():
