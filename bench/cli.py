@@ -12,16 +12,16 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "reuse": ("bench.reuse", "TTFT of full prefill vs KV loaded from the local store, per context length"),
     "codec": ("bench.codec", "size, fidelity and throughput per codec level"),
     "store": ("bench.store", "KV store put/fetch throughput and lookup latency per backend"),
+    "stream": ("bench.stream", "TTFT over a shaped link per fetch mode (each level, adaptive) and bandwidth"),
+    "serve": ("bench.serve", "load test of an OpenAI-compatible server (vllm bench serve-compatible)"),
+    "compare": ("bench.compare", "side-by-side table of two `bench serve` result JSON files"),
 }
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", required=True, metavar="NAME")
     for name, (module_name, help_text) in BENCHMARKS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError:
-            continue  # a benchmark whose module is not written yet is simply not offered
+        module = importlib.import_module(module_name)
         child = sub.add_parser(name, help=help_text, description=help_text)
         module.register(child)
         child.set_defaults(bench_module=module_name)

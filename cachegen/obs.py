@@ -33,6 +33,39 @@ STORE_LOOKUP_CHUNKS = Counter(
 )
 STORE_FETCH_CHUNKS = Counter("cachegen_store_fetch_chunks_total", "Chunks answered by Fetch, by outcome.", ["status"])
 
+# --- HTTP API (server/api) ----------------------------------------------------------------------------------------
+_TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+API_REQUESTS = Counter("cachegen_api_requests_total", "HTTP requests answered, by route and status.", ["route", "status"])
+API_TTFT_SECONDS = Histogram(
+    "cachegen_api_ttft_seconds", "Time to first token of generation requests, by endpoint.", ["endpoint"],
+    buckets=_TTFT_BUCKETS_S,
+)  # fmt: skip
+API_PROMPT_TOKENS = Counter("cachegen_api_prompt_tokens_total", "Prompt tokens of generation requests.", ["endpoint"])
+API_CACHED_TOKENS = Counter(
+    "cachegen_api_cached_tokens_total",
+    "Prompt tokens not prefilled: vLLM's prefix cache plus chunks loaded from the store.", ["endpoint"],
+)  # fmt: skip
+API_COMPLETION_TOKENS = Counter("cachegen_api_completion_tokens_total", "Generated tokens.", ["endpoint"])
+API_CONTEXT_REGISTER_SECONDS = Histogram(
+    "cachegen_api_context_register_seconds", "POST /v1/contexts: prefill until every chunk is in the store.",
+    buckets=_TTFT_BUCKETS_S,
+)  # fmt: skip
+API_CONTEXT_EVENTS = Counter(
+    "cachegen_api_context_events_total", "Cached-context lifecycle events.", ["event"]  # created|deleted|expired|failed
+)
+
+# --- KV connector (cachegen/connector; counted in vLLM's engine process, see issue 6 notes) ----------------------
+CONNECTOR_FETCHED_BYTES = Counter(
+    "cachegen_connector_fetched_bytes_total", "Coded KV bytes fetched from the store, by level.", ["level"]
+)
+CONNECTOR_LOADED_CHUNKS = Counter(
+    "cachegen_connector_loaded_chunks_total", "Chunks injected into the paged cache, by level.", ["level"]
+)
+CONNECTOR_FALLBACK_CHUNKS = Counter(
+    "cachegen_connector_fallback_chunks_total",
+    "Chunks recomputed instead of loaded, by reason (slo: planned, fetch: missing or store down, decode: rejected).", ["reason"],
+)  # fmt: skip
+
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:

@@ -53,7 +53,7 @@ def connector_config(settings: Settings) -> dict[str, Any]:
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
             "home": str(settings.home),
-            "store": {"url": settings.store_url(), "capacity_bytes": settings.store.capacity_bytes},
+            "store": {"url": settings.store.resolved_url(settings.store_url()), "capacity_bytes": settings.store.capacity_bytes},
             "codec": settings.codec.model_dump(),
             "stream": settings.stream.model_dump(),
         },

@@ -9,8 +9,9 @@ The only module that imports vLLM. Load it with::
 
 vLLM builds two instances: the scheduler side (in the engine core: lookups, block bookkeeping, the per-step plan)
 and the worker side (next to the paged cache: loads and saves). They share only the store and the plan.
-Per request: ``cache_salt`` is the tenant; ``kv_transfer_params={"cachegen": {"load": bool, "save": bool}}``
-turns loading or saving off.
+Per request: ``cache_salt`` is the tenant; ``kv_transfer_params={"cachegen": {...}}`` carries the request's
+knobs: ``load``/``save`` (bool) switch loading or saving off, ``slo_ms`` is the time-to-first-token target of
+the load, ``min_quality`` a floor on ``cachegen.spec.level_quality``, ``levels`` the level ids it may fetch.
 """
 
 from __future__ import annotations
@@ -90,6 +91,19 @@ def _request_params(request: Any) -> dict[str, Any]:
     return params if isinstance(params, dict) else {}
 
 
+def _allowed_levels(held: list[dict[int, int]], allowed: Any) -> list[dict[int, int]]:
+    """Keep only the levels a request allows (``"levels": [ids]``); the prefix ends at a chunk with none left."""
+    if allowed is None:
+        return held
+    kept = []
+    for levels in held:
+        chunk = {level: size for level, size in levels.items() if level in set(allowed)}
+        if not chunk:
+            break
+        kept.append(chunk)
+    return kept
+
+
 def _chunk_codec(layout: KVLayout, model_id: bytes, settings: CodecSettings, home: str) -> ChunkCodec:
     levels = tuple(LEVEL_BY_NAME[name].id for name in settings.save_levels)
     path = Path(settings.tables_path) if settings.tables_path else default_tables_path(Path(home), model_id)
@@ -136,7 +150,7 @@ class CacheGenConnector(KVConnectorBase_V1):
             self._worker = ConnectorWorker(self._store, self._codec, streamer, self._block_size)
         log.info(
             "cachegen connector role=%s store=%s model_id=%s chunk_tokens=%d save_levels=%s async_load=%s",
-            role.name, store_settings.url, model_id.hex(), layout.tokens_per_chunk, codec_settings.save_levels,
+            role.name, store_settings.url.split("?")[0], model_id.hex(), layout.tokens_per_chunk, codec_settings.save_levels,
             stream_settings.is_async_load,
         )
 
@@ -161,10 +175,11 @@ class CacheGenConnector(KVConnectorBase_V1):
             log.warning("store lookup failed, recomputing request=%s error=%s", request.request_id, exc)
             return 0, False
         state.num_stored_chunks = len(hits)
-        num_new = len(hits) * self._codec.layout.tokens_per_chunk - num_computed_tokens
+        held = _allowed_levels([info.levels for info in hits], params.get("levels"))
+        num_new = len(held) * self._codec.layout.tokens_per_chunk - num_computed_tokens
         if num_new <= 0:
             return 0, False
-        self._pending_loads[request.request_id] = (num_computed_tokens, [info.levels for info in hits])
+        self._pending_loads[request.request_id] = (num_computed_tokens, held)
         return num_new, self._stream_settings.is_async_load
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:

@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
+from cachegen import obs
 from cachegen.connector.paged import PagedKV, layer_order, slots_for
 from cachegen.connector.plan import ChunkSpan, TransferJob
 from cachegen.errors import CacheGenError
 from cachegen.store import KVStore
 from cachegen.stream.fetch import ChunkCodec, store_chunk
 from cachegen.stream.policy import StreamTarget
-from cachegen.stream.streamer import StreamChunk, Streamer
+from cachegen.stream.streamer import StreamChunk, Streamer, StreamReport
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,15 @@ def _layer_writer(layer: Any):
         layer.impl.do_kv_cache_update(layer, key, value, cache, slots)
 
     return write
+
+
+def _count(report: StreamReport, num_chunks: int) -> None:
+    for level in report.levels[: report.num_injected]:
+        obs.CONNECTOR_LOADED_CHUNKS.labels(level=str(level)).inc()
+    for level, size in report.bytes_by_level.items():
+        obs.CONNECTOR_FETCHED_BYTES.labels(level=str(level)).inc(size)
+    if num_chunks > report.num_injected:
+        obs.CONNECTOR_FALLBACK_CHUNKS.labels(reason=report.stop_kind or "decode").inc(num_chunks - report.num_injected)
 
 
 class ConnectorWorker:
@@ -88,6 +98,7 @@ class ConnectorWorker:
             job.request_id, report.num_injected, len(job.spans) - report.num_injected, report.levels,
             report.bytes_fetched, 1e3 * report.fetch_s, f" stop={report.stop_reason!r}" if report.stop_reason else "",
         )
+        _count(report, len(job.spans))
         return self._blocks_from(job.spans, report.num_injected)
 
     def _blocks_from(self, spans: tuple[ChunkSpan, ...], first: int) -> set[int]:

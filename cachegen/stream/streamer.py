@@ -45,8 +45,11 @@ class StreamReport:
     """Leading chunks now in the engine's cache; the engine recomputes every chunk after them."""
     levels: list[int] = field(default_factory=list)
     bytes_fetched: int = 0
+    bytes_by_level: dict[int, int] = field(default_factory=dict)
     fetch_s: float = 0.0
     stop_reason: str = ""
+    stop_kind: str = ""
+    """Why chunks were left to recompute: "slo" (planned), "fetch" (missing or store down), "decode" (rejected)."""
 
 
 class Streamer:
@@ -86,6 +89,7 @@ class Streamer:
             level = choose(options[position:], elapsed, bandwidth, self.speeds, target, self._codec.layout.tokens_per_chunk)
             if level == RECOMPUTE:
                 report.stop_reason = report.stop_reason or f"planned recompute from chunk {position}"
+                report.stop_kind = report.stop_kind or "slo"
                 return
             data = self._fetch(chunk.key, level, report)
             if data is None:
@@ -98,7 +102,7 @@ class Streamer:
         try:
             data = self._store.get(ChunkKey(key.model_id, key.layout_digest, key.prefix_hash, key.chunk_index, level))
         except CacheGenError as exc:
-            report.stop_reason = f"fetch of chunk {key.chunk_index} failed: {exc}"
+            report.stop_reason, report.stop_kind = f"fetch of chunk {key.chunk_index} failed: {exc}", "fetch"
             log.warning("chunk fetch failed, recomputing chunk=%d level=%d error=%s", key.chunk_index, level, exc)
             return None
         if self._shaper is not None:
@@ -106,6 +110,7 @@ class Streamer:
         with self._lock:
             self._estimate = self._estimate.observe(len(data), time.perf_counter() - fetch_started)
         report.bytes_fetched += len(data)
+        report.bytes_by_level[level] = report.bytes_by_level.get(level, 0) + len(data)
         return data
 
     def _decode_loop(self, decoded: queue.Queue, sink: Sink, report: StreamReport, stop: threading.Event) -> None:
@@ -127,7 +132,7 @@ class Streamer:
     @staticmethod
     def _stop(report: StreamReport, stop: threading.Event, reason: str) -> None:
         log.warning("stream stopped, recomputing the rest: %s", reason)
-        report.stop_reason = reason
+        report.stop_reason, report.stop_kind = reason, "decode"
         stop.set()
 
     def _observe_decode(self, num_bytes: int, seconds: float) -> None:

@@ -1,0 +1,121 @@
+"""`cachegen bench stream`: TTFT of a long cached context over a shaped link, per fetch mode and bandwidth.
+
+Modes: recompute (no load), each fixed level (raw bf16, lossless, 8-bit, ...), and adaptive (the planner, with
+the SLO). One engine stores the context at every level; then, per bandwidth, a fresh engine whose store reads go
+through the in-process link shaper measures each mode. The bound is ``adaptive bytes / bandwidth + local load
+time`` (decode, injection and suffix prefill, measured unshaped at the smallest level). ``--trace`` files are
+replayed through the planner's simulator with the measured level sizes: SLO violation rate and level mix.
+Link shaping used: in-process (a token-bucket-like serializer in the engine's fetch path), stated in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+QUESTION = "\n\nQuestion: In one sentence, what is the text above about?\nAnswer:"
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--context-tokens", type=int, default=8192)
+    parser.add_argument("--bandwidth", default="100mbit,1gbit,10gbit", help="comma-separated rates (tc spelling)")
+    parser.add_argument("--slo", type=float, default=2.0, help="time-to-first-token target of the adaptive mode, s")
+    parser.add_argument("--trace", action="append", default=[], help="bandwidth trace file(s) to simulate")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--model", default="")
+
+
+def _modes(slo_s: float) -> dict[str, dict]:
+    from cachegen.spec import LEVELS
+
+    modes = {level.name: {"levels": [level.id]} for level in LEVELS}
+    modes["adaptive"] = {"slo_ms": slo_s * 1e3}
+    return modes
+
+
+def _prompt(model_dir: Path, num_tokens: int) -> tuple[list[int], list[int]]:
+    import pydoc_data.topics
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    topics = pydoc_data.topics.topics
+    corpus = tokenizer("\n\n".join(topics[name] for name in sorted(topics)))["input_ids"]
+    question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    return corpus[:num_tokens] + question, corpus[-600:] + question
+
+
+def _ensure_tables(settings, model_dir: Path) -> None:
+    from cachegen.codec import default_tables_path
+    from cachegen.model import kv_layout, model_fingerprint
+
+    layout = kv_layout(model_dir, "bfloat16", settings.codec.tokens_per_chunk)
+    if not default_tables_path(settings.home, model_fingerprint(model_dir, layout)).is_file():
+        print("calibrating codec tables for this model (once)...", flush=True)
+        subprocess.run([sys.executable, "-m", "server.cli", "calibrate", "--model", str(model_dir)], check=True)
+
+
+def _phase(spec_path: Path, phase: str, bandwidth: str = "") -> tuple[dict, str]:
+    from cachegen.config import Settings
+    from server.engine import engine_env
+
+    name = f"{phase}-{bandwidth}" if bandwidth else phase
+    out, log_path = spec_path.with_name(f"{name}.json"), spec_path.with_name(f"{name}.log")
+    argv = [sys.executable, "-m", "bench.stream_phase", "--spec", str(spec_path), "--out", str(out), "--phase", phase]
+    print(f"starting a fresh engine: {name} (~30 s)...", flush=True)
+    with open(log_path, "w") as log:
+        code = subprocess.run(argv + ["--bandwidth", bandwidth], env=engine_env(os.environ, Settings.from_env()),
+                              stdout=log, stderr=subprocess.STDOUT).returncode  # fmt: skip
+    text = log_path.read_text()
+    if code != 0:
+        raise SystemExit(f"engine phase {name} failed (exit {code}):\n{text[-3000:]}")
+    return json.loads(out.read_text()), text
+
+
+_LOADED = re.compile(r"kv loaded request=\S+ chunks=(\d+) failed_chunks=(\d+) levels=\[([\d, ]*)\] bytes=(\d+)")
+
+
+def _loads_per_mode(log_text: str, modes: list[str], loads_per_mode: int) -> dict[str, list[dict]]:
+    """The connector's 'kv loaded' lines, in request order, grouped by mode."""
+    loads = [{"chunks": int(m[1]), "failed": int(m[2]), "levels": [int(x) for x in m[3].split(",") if x.strip()],
+              "bytes": int(m[4])} for m in _LOADED.finditer(log_text)]  # fmt: skip
+    return {mode: loads[i * loads_per_mode : (i + 1) * loads_per_mode] for i, mode in enumerate(modes)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from bench.common import emit, run_header
+    from bench.stream_report import build_rows, plot, print_table, simulate_traces
+    from cachegen.config import Settings
+    from cachegen.model import ensure_model
+    from cachegen.spec import LEVELS
+
+    settings = Settings.from_env()
+    model_dir = ensure_model(settings.home, args.model)
+    _ensure_tables(settings, model_dir)
+    prompt, warmup = _prompt(model_dir, args.context_tokens)
+    modes = _modes(args.slo)
+    with tempfile.TemporaryDirectory(prefix="cachegen-bench-stream-") as scratch:
+        spec = {"store_url": f"disk://{scratch}/store", "model_dir": str(model_dir), "prompt": prompt, "warmup": warmup,
+                "repeats": args.repeats, "output_tokens": 16, "tokens_per_chunk": settings.codec.tokens_per_chunk,
+                "all_levels": [level.name for level in LEVELS], "smallest_level": LEVELS[-1].id, "modes": modes}  # fmt: skip
+        spec_path = Path(scratch) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        base, _ = _phase(spec_path, "populate")
+        measured = {}
+        for bandwidth in args.bandwidth.split(","):
+            result, log_text = _phase(spec_path, "measure", bandwidth)
+            measured[bandwidth] = (result, _loads_per_mode(log_text, list(modes), args.repeats + 1))
+        rows, sizes = build_rows(spec, base, measured)
+    traces = simulate_traces(args.trace, sizes, base, args.slo, spec)
+    print_table(rows)
+    plot_path = plot(rows, args.json_path)
+    result = {"bench": "stream", **run_header(settings), "shaping": "in-process", "slo_s": args.slo,
+              "context_tokens": args.context_tokens, "results": rows, "traces": traces, "plot": plot_path}  # fmt: skip
+    emit(result, args.json_path)
+    return 0
