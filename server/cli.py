@@ -9,7 +9,8 @@ import sys
 # name -> (module, help). Each module exposes `register(parser)` to add its flags and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "model": ("server.model_cli", "prepare or check the model directory"),
-    "serve": ("server.serve_cli", "start the OpenAI-compatible inference server"),
+    "serve": ("server.api_cli", "start the OpenAI-compatible inference server (vLLM + cached contexts)"),
+    "serve-vllm": ("server.serve_cli", "vLLM's own OpenAI server with the cachegen connector (no contexts API)"),
     "store": ("server.kvstore.cli", "run the KV store service"),
     "bench": ("bench.cli", "benchmarks: reuse, codec, store, stream, serve"),
     "calibrate": ("cachegen.codec.calibrate_cli", "compute per-model probability tables"),
