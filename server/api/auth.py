@@ -11,12 +11,12 @@ import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import Request
 
 from cachegen.config import ServerSettings
 from server.api.errors import ApiError
+from server.tenant_keys import read_tenant_keys
 
 _TENANT_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _MIN_KEY_CHARS = 8
@@ -52,7 +52,7 @@ class ApiKeys:
     def from_settings(cls, settings: ServerSettings) -> ApiKeys:
         pairs = list(settings.api_keys.items())
         if settings.api_keys_file is not None:
-            pairs += read_keys_file(settings.api_keys_file)
+            pairs += [(key, tenant) for tenant, key in read_tenant_keys(settings.api_keys_file)]
         return cls.from_pairs(pairs, settings.default_tenant)
 
     @property
@@ -70,19 +70,6 @@ class ApiKeys:
         if tenant is None:
             raise ApiError(401, "incorrect API key provided", "invalid_api_key")
         return tenant
-
-
-def read_keys_file(path: Path) -> list[tuple[str, str]]:
-    """``tenant key`` per line -> (key, tenant) pairs."""
-    pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        fields = line.split("#", 1)[0].split()
-        if not fields:
-            continue
-        if len(fields) != 2:
-            raise ValueError(f"{path}:{number}: expected 'tenant key', got {len(fields)} fields")
-        pairs.append((fields[1], fields[0]))
-    return pairs
 
 
 def tenant_of(request: Request) -> str:

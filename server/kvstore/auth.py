@@ -16,6 +16,7 @@ import grpc
 from cachegen.errors import InvalidRequest
 from cachegen.store.backends import DEFAULT_NAMESPACE, check_namespace
 from cachegen.store.wire import SERVICE_NAME
+from server.tenant_keys import read_tenant_keys
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,7 @@ class TokenTable:
 
     @classmethod
     def from_file(cls, path: Path) -> TokenTable:
-        pairs = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            fields = line.split("#", 1)[0].split()
-            if not fields:
-                continue
-            if len(fields) != 2:
-                raise InvalidRequest(f"{path}:{number}: expected 'tenant token', got {len(fields)} fields")
-            pairs.append((fields[0], fields[1]))
-        return cls(pairs)
+        return cls(read_tenant_keys(path))
 
     @classmethod
     def from_string(cls, text: str) -> TokenTable:
