@@ -1,6 +1,6 @@
 """The engine behind the HTTP API: vLLM's AsyncLLM with the cachegen connector, in this process.
 
-The API talks to it only through ``Engine`` (a protocol), so unit tests can drive the app with a scripted engine.
+The API talks to it only through ``Engine`` (a protocol), the seam between HTTP handling and generation.
 Start-up is blocking (~20-40 s on 2 cores) and runs in a thread while the app already answers ``/health`` with
 503. The CPU environment (preloaded OpenMP, thread binding) must be in place before this process started:
 ``server.api_cli`` re-executes itself once with ``server.engine.engine_env``.
