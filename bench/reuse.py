@@ -29,7 +29,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="local HF model dir (default: bundled SmolLM2-135M)")
 
 
-def _prompts(model_dir: Path, lengths: list[int]) -> dict[str, list[int]]:
+def _prompts(model_dir: Path, lengths: list[int], max_model_len: int) -> dict[str, list[int]]:
     """One real-text prompt per length (CPython's documentation topics), distinct text for each."""
     import pydoc_data.topics
     from transformers import AutoTokenizer
@@ -39,10 +39,15 @@ def _prompts(model_dir: Path, lengths: list[int]) -> dict[str, list[int]]:
     corpus = tokenizer("\n\n".join(topics[name] for name in sorted(topics)))["input_ids"]
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
     prompts, offset = {}, 0
+    max_context = max_model_len - len(question) - NUM_OUTPUT_TOKENS
     for length in lengths:
+        if length > max_context:
+            print(f"note: a {length}-token context is cut to {max_context} so prompt + output fit in "
+                  f"{max_model_len} positions", flush=True)
+            length = max_context
         if offset + length > len(corpus):
             raise SystemExit(f"not enough text for a {length}-token context")
-        prompts[str(length)] = corpus[offset : offset + length] + question
+        prompts[str(len(prompts))] = corpus[offset : offset + length] + question
         offset += length
     prompts["warmup"] = corpus[-600:] + question
     return prompts
@@ -105,7 +110,7 @@ def _phase(args: argparse.Namespace) -> int:
         }
         if not is_load:
             results[name]["bytes_stored"] = _wait_saved(spec["store_url"], _expected_keys(spec, ids))
-        print(f"  {args.phase}: {name}-token context, TTFT {sorted(results[name]['ttft_s'])}", flush=True)
+        print(f"  {args.phase}: {len(ids)}-token prompt, TTFT {sorted(results[name]['ttft_s'])}", flush=True)
     Path(args.out).write_text(json.dumps(results))
     return 0
 
@@ -136,16 +141,17 @@ def run(args: argparse.Namespace) -> int:
         settings = Settings.from_env(store={"url": f"disk://{scratch}/store"})
         model_dir = ensure_model(settings.home, args.model)
         spec = {"store_url": settings.store_url(), "model_dir": str(model_dir), "repeats": args.repeats,
-                "tokens_per_chunk": settings.codec.tokens_per_chunk, "prompts": _prompts(model_dir, lengths)}
+                "tokens_per_chunk": settings.codec.tokens_per_chunk, "prompts": _prompts(model_dir, lengths, settings.server.max_model_len)}
         spec_path = Path(scratch) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         full = _run_phase("full", spec_path, settings)
         reuse = _run_phase("reuse", spec_path, settings)
     rows = []
-    for length in lengths:
-        before, after = full[str(length)], reuse[str(length)]
+    for index, length in enumerate(lengths):
+        before, after = full[str(index)], reuse[str(index)]
         row = {
             "context_tokens": length,
+            "prompt_tokens": len(spec["prompts"][str(index)]),
             "ttft_full_s": median(before["ttft_s"]),
             "ttft_reuse_s": median(after["ttft_s"]),
             "bytes_loaded": before["bytes_stored"],
