@@ -32,6 +32,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def _prompts(model_dir: Path, lengths: list[int], max_model_len: int) -> dict[str, list[int]]:
     """One real-text prompt per length (CPython's documentation topics), distinct text for each."""
     import pydoc_data.topics
+
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -42,8 +43,11 @@ def _prompts(model_dir: Path, lengths: list[int], max_model_len: int) -> dict[st
     max_context = max_model_len - len(question) - NUM_OUTPUT_TOKENS
     for length in lengths:
         if length > max_context:
-            print(f"note: a {length}-token context is cut to {max_context} so prompt + output fit in "
-                  f"{max_model_len} positions", flush=True)
+            print(
+                f"note: a {length}-token context is cut to {max_context} so prompt + output fit in "
+                f"{max_model_len} positions",
+                flush=True,
+            )
             length = max_context
         if offset + length > len(corpus):
             raise SystemExit(f"not enough text for a {length}-token context")
@@ -125,7 +129,7 @@ def _run_phase(phase: str, spec_path: Path, settings) -> dict:
     env["VLLM_LOGGING_LEVEL"] = "WARNING"  # keep the benchmark's own lines readable
     log_path = spec_path.with_name(f"{phase}.log")
     with open(log_path, "w") as log:
-        code = subprocess.run(argv, env=env, stderr=log).returncode
+        code = subprocess.run(argv, env=env, stderr=log, check=False).returncode
     if code != 0:
         raise SystemExit(f"the '{phase}' engine failed (exit {code}):\n{log_path.read_text()[-3000:]}")
     return json.loads(out_path.read_text())
@@ -140,8 +144,13 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="cachegen-bench-reuse-") as scratch:
         settings = Settings.from_env(store={"url": f"disk://{scratch}/store"})
         model_dir = ensure_model(settings.home, args.model)
-        spec = {"store_url": settings.store_url(), "model_dir": str(model_dir), "repeats": args.repeats,
-                "tokens_per_chunk": settings.codec.tokens_per_chunk, "prompts": _prompts(model_dir, lengths, settings.server.max_model_len)}
+        spec = {
+            "store_url": settings.store_url(),
+            "model_dir": str(model_dir),
+            "repeats": args.repeats,
+            "tokens_per_chunk": settings.codec.tokens_per_chunk,
+            "prompts": _prompts(model_dir, lengths, settings.server.max_model_len),
+        }
         spec_path = Path(scratch) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         full = _run_phase("full", spec_path, settings)
@@ -163,15 +172,20 @@ def run(args: argparse.Namespace) -> int:
         row["speedup"] = row["ttft_full_s"] / row["ttft_reuse_s"]
         rows.append(row)
     _print_table(rows)
-    emit({"bench": "reuse", **run_header(settings), "save_levels": settings.codec.save_levels, "results": rows}, args.json_path)
+    emit(
+        {"bench": "reuse", **run_header(settings), "save_levels": settings.codec.save_levels, "results": rows},
+        args.json_path,
+    )
     return 0 if all(row["outputs_identical"] for row in rows) else 1
 
 
 def _print_table(rows: list[dict]) -> None:
     print(f"\n{'context':>8} {'TTFT full':>10} {'TTFT reuse':>11} {'speedup':>8} {'MB loaded':>10} {'identical':>10}")
     for row in rows:
-        print(f"{row['context_tokens']:>8} {row['ttft_full_s']:>9.3f}s {row['ttft_reuse_s']:>10.3f}s "
-              f"{row['speedup']:>7.1f}x {row['bytes_loaded'] / 1e6:>10.1f} {str(row['outputs_identical']):>10}")
+        print(
+            f"{row['context_tokens']:>8} {row['ttft_full_s']:>9.3f}s {row['ttft_reuse_s']:>10.3f}s "
+            f"{row['speedup']:>7.1f}x {row['bytes_loaded'] / 1e6:>10.1f} {row['outputs_identical']!s:>10}"
+        )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ def _ttft(llm, ids: list[int], knobs: dict, max_tokens: int = 1) -> tuple[float,
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args={"kv_transfer_params": {"cachegen": knobs}})
+    params = SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, extra_args={"kv_transfer_params": {"cachegen": knobs}}
+    )
     started = time.perf_counter()
     output = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
     return time.perf_counter() - started, list(output.outputs[0].token_ids)
@@ -57,7 +59,9 @@ def _wait_stored(spec: dict, ids: list[int], timeout_s: float = 600) -> None:
 
     model_dir = Path(spec["model_dir"])
     layout = kv_layout(model_dir, "bfloat16", spec["tokens_per_chunk"])
-    keys = chunk_keys(ids, layout, model_fingerprint(model_dir, layout), tenant="")[: (len(ids) - 1) // layout.tokens_per_chunk]
+    keys = chunk_keys(ids, layout, model_fingerprint(model_dir, layout), tenant="")[
+        : (len(ids) - 1) // layout.tokens_per_chunk
+    ]
     store, deadline = open_store(spec["store_url"]), time.monotonic() + timeout_s
     while True:
         found = store.lookup(keys)

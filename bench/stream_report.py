@@ -16,7 +16,10 @@ def _chunk_sizes(spec: dict) -> list[dict[int, int]]:
     model_dir = Path(spec["model_dir"])
     layout = kv_layout(model_dir, "bfloat16", spec["tokens_per_chunk"])
     keys = chunk_keys(spec["prompt"], layout, model_fingerprint(model_dir, layout), tenant="")
-    return [info.levels for info in open_store(spec["store_url"]).lookup(keys[: (len(spec["prompt"]) - 1) // layout.tokens_per_chunk])]
+    return [
+        info.levels
+        for info in open_store(spec["store_url"]).lookup(keys[: (len(spec["prompt"]) - 1) // layout.tokens_per_chunk])
+    ]
 
 
 def build_rows(spec: dict, base: dict, measured: dict) -> tuple[list[dict], list[dict[int, int]]]:

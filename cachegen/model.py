@@ -87,7 +87,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = dict(pretrained_model_name_or_path=str(gguf.parent), gguf_file=gguf.name)
+    source = {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(**source)
     loaded = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.bfloat16)
     # save_pretrained refuses a model that remembers its GGUF quantization: rebuild a plain one from the config.

@@ -26,7 +26,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     layout = kv_layout(model_dir, "bfloat16", settings.codec.tokens_per_chunk)
     print(f"model dir: {model_dir}")
-    print(f"KV layout: {layout.num_layers} layers x {layout.num_kv_heads} KV heads x {layout.head_dim} dims, "
-          f"{layout.bytes_per_token} bytes/token in bf16")
+    print(
+        f"KV layout: {layout.num_layers} layers x {layout.num_kv_heads} KV heads x {layout.head_dim} dims, "
+        f"{layout.bytes_per_token} bytes/token in bf16"
+    )
     print(f"fingerprint: {model_fingerprint(model_dir, layout).hex()}")
     return 0

@@ -67,7 +67,10 @@ def chunk_block_ids(block_ids: list[int], chunk_index: int, blocks_per_chunk: in
 
 
 def load_spans(
-    state: RequestState, hits: Sequence[Mapping[int, int]], num_local_tokens: int, tokens_per_chunk: int,
+    state: RequestState,
+    hits: Sequence[Mapping[int, int]],
+    num_local_tokens: int,
+    tokens_per_chunk: int,
     blocks_per_chunk: int,
 ) -> tuple[ChunkSpan, ...]:
     """Spans that load chunks ``[num_local_tokens // tokens_per_chunk, len(hits))``; ``hits[i]``: levels held.
@@ -83,7 +86,10 @@ def load_spans(
 
 
 def save_spans(
-    state: RequestState, num_computed_after_step: int, num_prompt_tokens: int, tokens_per_chunk: int,
+    state: RequestState,
+    num_computed_after_step: int,
+    num_prompt_tokens: int,
+    tokens_per_chunk: int,
     blocks_per_chunk: int,
 ) -> tuple[ChunkSpan, ...]:
     """Spans of chunks that become complete by the end of this step and are not stored yet; marks them stored."""

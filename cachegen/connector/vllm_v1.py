@@ -109,7 +109,9 @@ def _chunk_codec(layout: KVLayout, model_id: bytes, settings: CodecSettings, hom
     path = Path(settings.tables_path) if settings.tables_path else default_tables_path(Path(home), model_id)
     tables = load_tables(path.read_bytes()) if path.is_file() else None
     if tables is None and any(level != 0 for level in levels):
-        raise CacheGenError(f"save levels {settings.save_levels} need calibrated tables at {path}: run cachegen calibrate")
+        raise CacheGenError(
+            f"save levels {settings.save_levels} need calibrated tables at {path}: run cachegen calibrate"
+        )
     return ChunkCodec(layout, model_id, levels, tables)
 
 
@@ -117,7 +119,11 @@ def _streamer(store: Any, chunk_codec: ChunkCodec, settings: StreamSettings) -> 
     shaper = None
     if settings.shape_trace:
         is_file = Path(settings.shape_trace).is_file()
-        trace = parse_trace(Path(settings.shape_trace).read_text()) if is_file else [TracePoint(0, parse_rate(settings.shape_trace))]
+        trace = (
+            parse_trace(Path(settings.shape_trace).read_text())
+            if is_file
+            else [TracePoint(0, parse_rate(settings.shape_trace))]
+        )
         shaper = LinkShaper(trace)
     speeds = NodeSpeeds(settings.prior_decode_bytes_per_s, settings.prior_prefill_tokens_per_s)
     return Streamer(store, chunk_codec, speeds, settings.prior_bandwidth_bps, shaper)
@@ -150,7 +156,11 @@ class CacheGenConnector(KVConnectorBase_V1):
             self._worker = ConnectorWorker(self._store, self._codec, streamer, self._block_size)
         log.info(
             "cachegen connector role=%s store=%s model_id=%s chunk_tokens=%d save_levels=%s async_load=%s",
-            role.name, store_settings.url.split("?")[0], model_id.hex(), layout.tokens_per_chunk, codec_settings.save_levels,
+            role.name,
+            store_settings.url.split("?")[0],
+            model_id.hex(),
+            layout.tokens_per_chunk,
+            codec_settings.save_levels,
             stream_settings.is_async_load,
         )
 
@@ -197,12 +207,16 @@ class CacheGenConnector(KVConnectorBase_V1):
         params, defaults = _request_params(request), self._stream_settings
         slo_s = float(params["slo_ms"]) / 1e3 if "slo_ms" in params else defaults.slo_s
         suffix = len(request.prompt_token_ids or []) - len(hits) * tokens_per_chunk
-        job = TransferJob(request.request_id, spans, slo_s, int(params.get("min_quality", defaults.min_quality)), suffix)
+        job = TransferJob(
+            request.request_id, spans, slo_s, int(params.get("min_quality", defaults.min_quality)), suffix
+        )
         self._queued_loads.append(job)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         """Called once per engine step: the loads queued since the last step plus the chunks completed by it."""
-        meta = CacheGenMetadata(loads=self._queued_loads, num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens)
+        meta = CacheGenMetadata(
+            loads=self._queued_loads, num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens
+        )
         self._queued_loads = []
         for new in scheduler_output.scheduled_new_reqs:
             self._queue_saves(meta, new.req_id, new.num_computed_tokens, scheduler_output, list(new.block_ids[0]))

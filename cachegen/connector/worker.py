@@ -86,7 +86,9 @@ class ConnectorWorker:
 
         def inject(position: int, kv: torch.Tensor) -> None:
             span = job.spans[position]
-            self._paged.write(kv[:, :, :, span.first_token :], slots_for(span.block_ids, self._block_size, span.first_token))
+            self._paged.write(
+                kv[:, :, :, span.first_token :], slots_for(span.block_ids, self._block_size, span.first_token)
+            )
 
         try:
             report = self._streamer.run(chunks, target, inject)
@@ -95,8 +97,13 @@ class ConnectorWorker:
             return self._blocks_from(job.spans, 0)
         log.info(
             "kv loaded request=%s chunks=%d failed_chunks=%d levels=%s bytes=%d ms=%.1f%s",
-            job.request_id, report.num_injected, len(job.spans) - report.num_injected, report.levels,
-            report.bytes_fetched, 1e3 * report.fetch_s, f" stop={report.stop_reason!r}" if report.stop_reason else "",
+            job.request_id,
+            report.num_injected,
+            len(job.spans) - report.num_injected,
+            report.levels,
+            report.bytes_fetched,
+            1e3 * report.fetch_s,
+            f" stop={report.stop_reason!r}" if report.stop_reason else "",
         )
         _count(report, len(job.spans))
         return self._blocks_from(job.spans, report.num_injected)

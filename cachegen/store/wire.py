@@ -30,9 +30,7 @@ MAX_KEYS = 65536
 ERROR_CLASS_KEY = "cachegen-error"  # trailing metadata: the class name of the error behind a status
 
 
-_ERROR_CLASSES: dict[str, type[CacheGenError]] = {
-    cls.__name__: cls for cls in errors.STATUS_TABLE
-}
+_ERROR_CLASSES: dict[str, type[CacheGenError]] = {cls.__name__: cls for cls in errors.STATUS_TABLE}
 _DEFAULT_BY_CODE: dict[grpc.StatusCode, type[CacheGenError]] = {
     grpc.StatusCode.NOT_FOUND: errors.ChunkNotFound,
     grpc.StatusCode.UNAVAILABLE: errors.StoreUnavailable,

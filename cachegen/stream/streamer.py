@@ -78,7 +78,7 @@ class Streamer:
         report.fetch_s = time.perf_counter() - started
         return report
 
-    def _fetch_loop(self, chunks, target, decoded, report, stop, started) -> None:  # noqa: ANN001
+    def _fetch_loop(self, chunks, target, decoded, report, stop, started) -> None:
         options = [chunk.options() for chunk in chunks]
         for position, chunk in enumerate(chunks):
             if stop.is_set():
@@ -86,7 +86,9 @@ class Streamer:
             with self._lock:
                 bandwidth = self._estimate.bandwidth_bps
             elapsed = time.perf_counter() - started
-            level = choose(options[position:], elapsed, bandwidth, self.speeds, target, self._codec.layout.tokens_per_chunk)
+            level = choose(
+                options[position:], elapsed, bandwidth, self.speeds, target, self._codec.layout.tokens_per_chunk
+            )
             if level == RECOMPUTE:
                 report.stop_reason = report.stop_reason or f"planned recompute from chunk {position}"
                 report.stop_kind = report.stop_kind or "slo"
@@ -147,4 +149,6 @@ class Streamer:
             return  # decode steps and tiny prefills say little about prefill speed
         with self._lock:
             rate = num_tokens / seconds
-            self.speeds = NodeSpeeds(self.speeds.decode_bytes_per_s, 0.5 * rate + 0.5 * self.speeds.prefill_tokens_per_s)
+            self.speeds = NodeSpeeds(
+                self.speeds.decode_bytes_per_s, 0.5 * rate + 0.5 * self.speeds.prefill_tokens_per_s
+            )

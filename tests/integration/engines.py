@@ -55,8 +55,8 @@ def start_engine(settings: Settings, model_dir: Path, log_path: Path, *, prefix_
     port = free_port()
     settings = settings.model_copy(update={"server": settings.server.model_copy(update={"port": port})})
     argv = api_server_argv(settings, model_dir, is_prefix_caching=prefix_caching)
-    log = open(log_path, "w")
-    process = subprocess.Popen(argv, env=engine_env(os.environ, settings), stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(argv, env=engine_env(os.environ, settings), stdout=log, stderr=subprocess.STDOUT)
     return EngineServer(process, f"http://127.0.0.1:{port}", model_dir.name, log_path)
 
 
@@ -64,7 +64,9 @@ def wait_ready(engine: EngineServer) -> EngineServer:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if engine.process.poll() is not None:
-            raise RuntimeError(f"engine exited with {engine.process.returncode}:\n{engine.log_path.read_text()[-4000:]}")
+            raise RuntimeError(
+                f"engine exited with {engine.process.returncode}:\n{engine.log_path.read_text()[-4000:]}"
+            )
         try:
             if httpx.get(f"{engine.base_url}/health", timeout=2).status_code == 200:
                 return engine

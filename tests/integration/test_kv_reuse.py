@@ -128,7 +128,7 @@ def _damage_and_ask(engines, prompt, layout_and_id, store_url, damage) -> None:
     assert answer == reference
     # vLLM fixes prompt_tokens_details when it schedules the request, before the load runs, so the
     # connector's own log is where the failed chunk shows: chunks 0-1 loaded, 2 on recomputed.
-    new_log = engine_b.log_path.read_text()[len(log_before):]
+    new_log = engine_b.log_path.read_text()[len(log_before) :]
     assert "stream stopped, recomputing the rest: chunk 2 rejected" in new_log
     assert "chunks=2 failed_chunks=5" in new_log
     assert "rescheduled (1280 tokens affected)" in new_log  # vLLM's own word: the 5 chunks are recomputed

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from cachegen import errors
-from cachegen.spec import ChunkKey
 from cachegen.errors import Unauthenticated
+from cachegen.spec import ChunkKey
 from cachegen.store import ClientOptions
 from cachegen.store.wire import (
     MAX_PAYLOAD_BYTES,

@@ -10,8 +10,12 @@ from cachegen.stream.simulate import simulate, transfer_end
 
 TOKENS = 256
 # Sizes of one 256-token SmolLM2 chunk: bf16-lossless-ish, 8-bit, ~3 and ~2 bits/value.
-LEVELS = (LevelOption(1, 5_000_000, 4), LevelOption(2, 2_950_000, 3), LevelOption(3, 1_100_000, 2),
-          LevelOption(4, 740_000, 1))
+LEVELS = (
+    LevelOption(1, 5_000_000, 4),
+    LevelOption(2, 2_950_000, 3),
+    LevelOption(3, 1_100_000, 2),
+    LevelOption(4, 740_000, 1),
+)
 SPEEDS = NodeSpeeds(decode_bytes_per_s=400e6, prefill_tokens_per_s=1000.0)
 CHUNKS = [LEVELS] * 32  # an 8K-token context
 
