@@ -26,3 +26,25 @@ test-unit: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# --- codec kernels (issue 3) ---
+NVCC ?= nvcc
+CXX ?= g++
+KERNEL_FLAGS := -std=c++17 -O3 -Ikernels/include -Ikernels -Ikernels/cuda
+CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+.PHONY: kernels-check gpu-check
+
+# Compiles every .cu for sm_80 and sm_90 (no GPU needed), then builds and runs the C++ golden-frame test.
+kernels-check:
+	@mkdir -p build/kernels
+	@for f in kernels/cuda/*.cu; do echo "nvcc $$f"; $(NVCC) -c $(KERNEL_FLAGS) $(CUDA_ARCHS) $$f -o build/kernels/$$(basename $$f).o || exit 1; done
+	$(CXX) $(KERNEL_FLAGS) -Wall -Wextra -ffp-contract=off -pthread kernels/tests/test_golden.cpp kernels/cpu/frame.cpp kernels/cpu/codec_cpu.cpp -o build/kernels/test_golden
+	build/kernels/test_golden tests/golden
+
+# On a CUDA machine: builds the CUDA library the codec loads, checks GPU == CPU bytes, runs the GPU tests and benchmark.
+gpu-check: kernels-check
+	$(NVCC) -shared -Xcompiler -fPIC $(KERNEL_FLAGS) $(CUDA_ARCHS) kernels/cuda/decode.cu -o cachegen/codec/libcachegen_cuda.so
+	$(NVCC) $(KERNEL_FLAGS) $(CUDA_ARCHS) kernels/tests/test_cuda_golden.cu kernels/cuda/decode.cu kernels/cpu/frame.cpp kernels/cpu/codec_cpu.cpp -o build/kernels/test_cuda_golden
+	build/kernels/test_cuda_golden tests/golden
+	$(PY) -m pytest -m gpu tests/gpu -q
+	$(PY) -m server.cli bench codec --device cuda --tokens 2048 --json build/bench_codec_gpu.json

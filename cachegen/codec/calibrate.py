@@ -1,0 +1,73 @@
+"""Build per-model probability tables from real KV samples (FORMAT.md §8); ``cachegen calibrate`` drives it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from cachegen.codec import quant
+from cachegen.codec.levels import SCHEME_BY_LEVEL, Scheme
+from cachegen.codec.rans import Tables
+from cachegen.codec.tables import CodecTables, LevelTables, freq_from_counts
+from cachegen.codec.tensors import check_kv, kv_bits, kv_values
+from cachegen.spec import KVLayout
+
+PSEUDO_COUNT = 0.05
+"""Added to every symbol a level can emit: an unseen symbol then costs ~log2(samples/0.05) bits, not 24."""
+
+
+def lossless_map(layout: KVLayout) -> np.ndarray:
+    """High byte of each channel gets its own table; the near-uniform low bytes share one per (layer, K|V, head)."""
+    groups = layout.num_layers * 2 * layout.num_kv_heads
+    dim = layout.head_dim
+    table_map = np.empty((groups, 2 * dim), np.uint32)
+    table_map[:, 0::2] = np.arange(groups * dim, dtype=np.uint32).reshape(groups, dim)
+    table_map[:, 1::2] = (groups * dim + np.arange(groups, dtype=np.uint32))[:, None]
+    return table_map.reshape(layout.num_layers, 2, layout.num_kv_heads, 2 * dim)
+
+
+def symbols_of(kv: torch.Tensor, scheme: Scheme, layout: KVLayout) -> tuple[np.ndarray, np.ndarray | None]:
+    """Symbols (L, 2, H, T, P) of one KV tensor at one level, and the bf16 token scales (None if lossless)."""
+    if scheme.is_lossless:
+        return quant.split_bytes(kv_bits(kv)), None
+    values = kv_values(kv)
+    scales = quant.token_scales(values)
+    return quant.quantize(values, scales, scheme.bins(layout.num_layers)), scales
+
+
+def _level_tables(samples: Sequence[torch.Tensor], level: int, layout: KVLayout) -> LevelTables:
+    scheme = SCHEME_BY_LEVEL[level]
+    bins = scheme.bins(layout.num_layers)
+    if scheme.is_lossless:
+        table_map, alphabet, allowed = lossless_map(layout), 256, None
+    else:
+        shape = (layout.num_layers, 2, layout.num_kv_heads, layout.head_dim)
+        table_map = np.arange(int(np.prod(shape)), dtype=np.uint32).reshape(shape)
+        alphabet = int(bins.max()) - 1
+        allowed = np.broadcast_to((bins.astype(np.int64) - 1)[:, :, None, None], shape).ravel()
+    num_tables = int(table_map.max()) + 1
+    counts = np.zeros(num_tables * alphabet, np.float64)
+    for kv in samples:
+        symbols, _ = symbols_of(kv, scheme, layout)
+        ids = np.broadcast_to(table_map[:, :, :, None, :], symbols.shape)
+        counts += np.bincount((ids.astype(np.int64) * alphabet + symbols).ravel(), minlength=counts.size)
+    counts = counts.reshape(num_tables, alphabet)
+    if allowed is None:
+        counts += PSEUDO_COUNT
+    else:
+        counts += PSEUDO_COUNT * (np.arange(alphabet)[None, :] < allowed[:, None])
+    return LevelTables(level, bins, table_map, Tables(freq_from_counts(counts)))
+
+
+def calibrate(samples: Sequence[torch.Tensor], layout: KVLayout, model_id: bytes) -> CodecTables:
+    """Tables for every coded level from KV samples of shape ``layout.shape(tokens)`` (any token counts)."""
+    if not samples:
+        raise ValueError("calibration needs at least one KV sample")
+    for kv in samples:
+        check_kv(kv, layout, "sample")
+    # 16-bit dtypes only for the lossless level: its symbols are the two bytes of each value.
+    wanted = [lv for lv in sorted(SCHEME_BY_LEVEL) if not SCHEME_BY_LEVEL[lv].is_lossless or layout.dtype != "float32"]
+    levels = tuple(_level_tables(samples, level, layout) for level in wanted)
+    return CodecTables(layout, bytes(model_id), levels)

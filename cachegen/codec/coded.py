@@ -1,0 +1,87 @@
+"""Levels 1.. (FORMAT.md §5.2-§5.4): symbols, streams and sections of the rANS-coded levels, numpy reference path."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cachegen.codec import quant, rans
+from cachegen.codec.bitstream import Frame, expect_sections
+from cachegen.codec.tables import LevelTables
+from cachegen.errors import FormatError
+from cachegen.spec import KVLayout
+
+SECTION_TABLES_ID, SECTION_SCALES, SECTION_STREAM_SIZES, SECTION_WORDS = 2, 3, 4, 5
+
+
+def num_blocks(num_tokens: int) -> int:
+    return -(-num_tokens // quant.STREAM_TOKENS)
+
+
+def _block_spans(num_tokens: int) -> list[tuple[int, int, int]]:
+    """(first token, tokens per block, blocks) of the full blocks, then of the tail block if any."""
+    full = num_tokens // quant.STREAM_TOKENS
+    spans = [(0, quant.STREAM_TOKENS, full)] if full else []
+    if num_tokens % quant.STREAM_TOKENS:
+        spans.append((full * quant.STREAM_TOKENS, num_tokens % quant.STREAM_TOKENS, 1))
+    return spans
+
+
+def _table_ids(table_map: np.ndarray, block_tokens: int, blocks: int) -> np.ndarray:
+    """Table of each stream position: table_map[layer, kv, head, position mod P] (FORMAT.md §5.3)."""
+    per_group = table_map.reshape(-1, table_map.shape[-1])  # (L*2*H, P)
+    return np.repeat(np.tile(per_group, (1, block_tokens)), blocks, axis=0)
+
+
+def encode_symbols(symbols: np.ndarray, level: LevelTables) -> tuple[np.ndarray, np.ndarray]:
+    """rANS-code (L, 2, H, T, P) symbols; returns (num_words per stream, words) in FORMAT.md §5.3 order:
+    streams by (layer, K|V, head, token block), the short tail block last within its head."""
+    groups = int(np.prod(symbols.shape[:3]))
+    per_group = symbols.reshape(groups, symbols.shape[3], -1)
+    pieces: list[list[np.ndarray]] = [[] for _ in range(groups)]
+    sizes: list[list[np.ndarray]] = [[] for _ in range(groups)]
+    for first, block, blocks in _block_spans(symbols.shape[3]):
+        part = per_group[:, first : first + block * blocks].reshape(groups * blocks, -1)
+        words, counts = rans.encode_streams(part, _table_ids(level.table_map, block, blocks), level.tables)
+        split = np.split(words, np.cumsum(counts.astype(np.int64))[:-1])
+        for stream, chunk in enumerate(split):
+            pieces[stream // blocks].append(chunk)
+        for group in range(groups):
+            sizes[group].append(counts[group * blocks : (group + 1) * blocks])
+    all_words = [w for group in pieces for w in group]
+    return np.concatenate([s for group in sizes for s in group]).astype(np.uint32), np.concatenate(all_words)
+
+
+def decode_symbols(sizes: np.ndarray, words: np.ndarray, level: LevelTables, shape: tuple) -> np.ndarray:
+    """Inverse of ``encode_symbols`` for symbols of ``shape`` (L, 2, H, T, P); FormatError on a bad stream."""
+    groups, num_tokens = int(np.prod(shape[:3])), shape[3]
+    spans = _block_spans(num_tokens)
+    per_group = sum(blocks for _, _, blocks in spans)
+    starts = np.concatenate([[0], np.cumsum(sizes.astype(np.int64))])[:-1].reshape(groups, per_group)
+    counts = sizes.reshape(groups, per_group)
+    out = np.empty((groups, num_tokens, shape[4]), np.int32)
+    column = 0
+    for first, block, blocks in spans:
+        part_starts = starts[:, column : column + blocks].ravel()
+        part_counts = counts[:, column : column + blocks].ravel()
+        gathered = np.concatenate([words[a : a + n] for a, n in zip(part_starts, part_counts, strict=True)])
+        ids = _table_ids(level.table_map, block, blocks)
+        symbols = rans.decode_streams(gathered, part_counts, ids, level.tables)
+        out[:, first : first + block * blocks] = symbols.reshape(groups, block * blocks, shape[4])
+        column += blocks
+    return out.reshape(shape)
+
+
+def check_sections(frame: Frame, layout: KVLayout, is_lossless: bool) -> None:
+    """Section kinds of a coded frame and the sizes they must have (FORMAT.md §5.4)."""
+    header = frame.header
+    streams = layout.num_layers * 2 * layout.num_kv_heads * num_blocks(header.num_tokens)
+    kinds = [SECTION_TABLES_ID] + ([] if is_lossless else [SECTION_SCALES]) + [SECTION_STREAM_SIZES, SECTION_WORDS]
+    sizes = [16] + ([] if is_lossless else [layout.num_layers * 2 * header.num_tokens * 2]) + [4 * streams, None]
+    expect_sections(frame, kinds, sizes)
+
+
+def check_symbol_range(symbols: np.ndarray, bins: np.ndarray, offset: int) -> None:
+    """A stream that decodes cleanly can still carry a symbol no quantizer emits (a freq-1 slot): reject it."""
+    limit = (bins.astype(np.int64) - 2)[:, :, None, None, None]
+    if np.any(symbols > limit):
+        raise FormatError("symbol", offset, int(symbols.max()), "above bins - 2 for its layer")

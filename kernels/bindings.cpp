@@ -1,0 +1,136 @@
+// The only file that knows Python (STYLE §6): checks buffer sizes against the shapes, releases the GIL,
+// then calls the torch-free core. Uses the CPython C API and the buffer protocol only (no build-time deps).
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <vector>
+
+#include "cpu/codec_cpu.h"
+
+namespace {
+
+using cachegen::LevelDesc;
+
+struct Buffers {  // releases every Py_buffer it acquired
+  std::vector<Py_buffer*> held;
+  ~Buffers() { for (auto* b : held) PyBuffer_Release(b); }
+};
+
+bool need(bool ok, const char* what) {
+  if (!ok) PyErr_SetString(PyExc_ValueError, what);
+  return ok;
+}
+
+// desc = (layers, heads, num_tokens, per_token, alphabet, num_tables) plus table_map, freq, cum buffers.
+bool parse_desc(PyObject* desc, Py_buffer* map, Py_buffer* freq, Py_buffer* cum, LevelDesc* d) {
+  unsigned int layers, heads, tokens, per_token, alphabet, num_tables;
+  if (!PyArg_ParseTuple(desc, "IIIIII", &layers, &heads, &tokens, &per_token, &alphabet, &num_tables)) return false;
+  const uint64_t cells = uint64_t(layers) * 2 * heads * per_token;
+  if (!need(alphabet >= 2 && alphabet <= 256 && per_token > 0 && tokens > 0, "bad level shape") ||
+      !need(uint64_t(map->len) == cells * 4, "table_map size") ||
+      !need(uint64_t(freq->len) == uint64_t(num_tables) * alphabet * 4 && cum->len == freq->len, "table size"))
+    return false;
+  const uint32_t* rows = static_cast<const uint32_t*>(map->buf);
+  for (uint64_t i = 0; i < cells; ++i)
+    if (!need(rows[i] < num_tables, "table_map entry out of range")) return false;
+  *d = LevelDesc{layers, heads, tokens, per_token, rows, num_tables,
+                 {static_cast<const uint32_t*>(freq->buf), static_cast<const uint32_t*>(cum->buf), alphabet}};
+  return true;
+}
+
+PyObject* status_tuple(cachegen::Status st, int64_t bad) { return Py_BuildValue("(iL)", int(st), (long long)bad); }
+
+// encode_symbols(desc, table_map, freq, cum, symbols, threads) -> (sizes: bytes, words: bytes)
+PyObject* encode_symbols(PyObject*, PyObject* args) {
+  PyObject* desc;
+  Py_buffer map, freq, cum, sym;
+  int threads;
+  if (!PyArg_ParseTuple(args, "Oy*y*y*y*i", &desc, &map, &freq, &cum, &sym, &threads)) return nullptr;
+  Buffers guard{{&map, &freq, &cum, &sym}};
+  LevelDesc d;
+  if (!parse_desc(desc, &map, &freq, &cum, &d)) return nullptr;
+  const uint64_t count = uint64_t(d.layers) * 2 * d.heads * d.num_tokens * d.per_token;
+  if (!need(uint64_t(sym.len) == count * 4, "symbols size")) return nullptr;
+  const int32_t* s = static_cast<const int32_t*>(sym.buf);
+  for (uint64_t i = 0; i < count; ++i)
+    if (!need(s[i] >= 0 && uint32_t(s[i]) < d.tables.alphabet, "symbol out of alphabet")) return nullptr;
+  const uint64_t streams = cachegen::num_streams(d);
+  std::vector<uint32_t> sizes(streams), words(streams * (uint64_t(cachegen::kStreamTokens) * d.per_token + 2));
+  uint64_t total;
+  Py_BEGIN_ALLOW_THREADS
+  total = cachegen::encode_symbols_cpu(d, s, sizes.data(), words.data(), threads);
+  Py_END_ALLOW_THREADS
+  return Py_BuildValue("(y#y#)", reinterpret_cast<const char*>(sizes.data()), Py_ssize_t(streams * 4),
+                       reinterpret_cast<const char*>(words.data()), Py_ssize_t(total * 4));
+}
+
+// decode(desc, table_map, freq, cum, slots, words, sizes, scales|None, bins|None, out, mode, threads)
+//   -> (status, first bad stream); slots: (num_tables, 256) u8 lookup (FORMAT-independent decoder aid).
+// mode 0: int32 symbols into out; mode 1: fused 16-bit values (bf16 dequant when bins given, else bytes joined).
+PyObject* decode(PyObject*, PyObject* args) {
+  PyObject *desc, *scales_obj, *bins_obj;
+  Py_buffer map, freq, cum, slots, words, sizes, out, scales{}, bins{};
+  int mode, threads;
+  if (!PyArg_ParseTuple(args, "Oy*y*y*y*y*y*OOw*ii", &desc, &map, &freq, &cum, &slots, &words, &sizes, &scales_obj,
+                        &bins_obj, &out, &mode, &threads))
+    return nullptr;
+  Buffers guard{{&map, &freq, &cum, &slots, &words, &sizes, &out}};
+  LevelDesc d;
+  if (!parse_desc(desc, &map, &freq, &cum, &d)) return nullptr;
+  if (!need(uint64_t(slots.len) == uint64_t(d.num_tables) * 256, "slots size")) return nullptr;
+  const uint8_t* slot = static_cast<const uint8_t*>(slots.buf);
+  for (Py_ssize_t i = 0; i < slots.len; ++i)
+    if (!need(slot[i] < d.tables.alphabet, "slot entry out of range")) return nullptr;
+  d.tables.slots = slot;
+  const bool is_quant = bins_obj != Py_None;
+  if (is_quant) {
+    if (PyObject_GetBuffer(scales_obj, &scales, PyBUF_SIMPLE) != 0) return nullptr;
+    guard.held.push_back(&scales);
+    if (PyObject_GetBuffer(bins_obj, &bins, PyBUF_SIMPLE) != 0) return nullptr;
+    guard.held.push_back(&bins);
+  }
+  const uint64_t groups_tokens = uint64_t(d.layers) * 2 * d.heads * d.num_tokens;
+  const uint64_t streams = cachegen::num_streams(d);
+  if (!need(uint64_t(sizes.len) == streams * 4 && words.len % 4 == 0, "sizes/words size")) return nullptr;
+  const uint64_t out_bytes = mode == 0 ? groups_tokens * d.per_token * 4 : groups_tokens * (is_quant ? d.per_token : d.per_token / 2) * 2;
+  if (!need(uint64_t(out.len) == out_bytes, "out size") ||
+      !need(!is_quant || (uint64_t(scales.len) == uint64_t(d.layers) * 2 * d.num_tokens * 2 &&
+                          uint64_t(bins.len) == uint64_t(d.layers) * 4), "scales/bins size"))
+    return nullptr;
+  if (is_quant) {
+    const uint16_t* b = static_cast<const uint16_t*>(bins.buf);
+    for (uint32_t i = 0; i < d.layers * 2; ++i)
+      if (!need(b[i] >= 4 && b[i] <= 256 && b[i] % 2 == 0 && b[i] - 1u <= d.tables.alphabet, "bins")) return nullptr;
+  }
+  int64_t bad = -1;
+  cachegen::Status st;
+  const uint32_t* w = static_cast<const uint32_t*>(words.buf);
+  const uint32_t* z = static_cast<const uint32_t*>(sizes.buf);
+  Py_BEGIN_ALLOW_THREADS
+  if (mode == 0) st = cachegen::decode_symbols_cpu(d, w, words.len / 4, z, static_cast<int32_t*>(out.buf), threads, &bad);
+  else st = cachegen::decode_values_cpu(d, w, words.len / 4, z, is_quant ? static_cast<const uint16_t*>(scales.buf) : nullptr,
+                                        is_quant ? static_cast<const uint16_t*>(bins.buf) : nullptr,
+                                        static_cast<uint16_t*>(out.buf), threads, &bad);
+  Py_END_ALLOW_THREADS
+  return status_tuple(st, bad);
+}
+
+PyMethodDef methods[] = {
+    {"encode_symbols", encode_symbols, METH_VARARGS, "rANS-encode a frame's symbols (FORMAT.md §5.3)."},
+    {"decode", decode, METH_VARARGS, "rANS-decode a frame's streams, optionally fused with dequantization."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "cachegen.codec._cpu", "cachegen CPU codec core", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__cpu() {
+  PyObject* m = PyModule_Create(&module);
+  if (!m) return nullptr;
+  PyModule_AddIntConstant(m, "MAGIC", cachegen::kMagic);
+  PyModule_AddIntConstant(m, "FORMAT_VERSION", cachegen::kFormatVersion);
+  PyModule_AddIntConstant(m, "PRECISION", cachegen::kPrecision);
+  PyModule_AddIntConstant(m, "STREAM_TOKENS", cachegen::kStreamTokens);
+  PyModule_AddIntConstant(m, "HEADER_SIZE", cachegen::kHeaderSize);
+  return m;
+}

@@ -1,0 +1,34 @@
+// CPU twin of the CUDA entry points (STYLE §6): whole frames' streams, threads over streams.
+#pragma once
+#include <cstdint>
+
+#include "cachegen/codec.h"
+
+namespace cachegen {
+
+// The shape of a coded frame's symbols: (layers, 2, heads, num_tokens, per_token), streams per FORMAT.md §5.3.
+struct LevelDesc {
+  uint32_t layers, heads, num_tokens, per_token;
+  const uint32_t* table_map;  // (layers, 2, heads, per_token) table rows
+  uint32_t num_tables;
+  TableSet tables;
+};
+
+uint64_t num_streams(const LevelDesc& d);
+
+// Symbols (layers, 2, heads, tokens, per_token) int32 -> sizes[num_streams] and words (capacity
+// num_streams * (STREAM_TOKENS * per_token + 2)); returns the word count.
+uint64_t encode_symbols_cpu(const LevelDesc& d, const int32_t* symbols, uint32_t* sizes, uint32_t* words,
+                            int num_threads);
+
+// Decode into int32 symbols; on error returns the status and the first bad stream in *bad_stream.
+Status decode_symbols_cpu(const LevelDesc& d, const uint32_t* words, uint64_t num_words, const uint32_t* sizes,
+                          int32_t* symbols, int num_threads, int64_t* bad_stream);
+
+// Fused decode into 16-bit output values (layers, 2, heads, tokens, head_dim): quantized levels dequantize
+// with bf16 `scales` (layers, 2, tokens) and `bins` (layers, 2) into bf16; lossless (bins == nullptr) joins bytes.
+Status decode_values_cpu(const LevelDesc& d, const uint32_t* words, uint64_t num_words, const uint32_t* sizes,
+                         const uint16_t* scales, const uint16_t* bins, uint16_t* out, int num_threads,
+                         int64_t* bad_stream);
+
+}  // namespace cachegen

@@ -1,0 +1,17 @@
+// CUDA twin of decode_values_cpu (STYLE §6): torch-free, plain device pointers, C linkage for a ctypes binding.
+#pragma once
+#include <cstdint>
+
+extern "C" {
+
+// All pointers are device pointers. offsets[num_streams] are the streams' first word (host-computed prefix sums
+// of the sizes, already checked to add up). scales/bins null => lossless (bytes joined). status[num_streams]
+// receives 0 or a cachegen::Status per stream. Returns a cudaError_t as int (0 = launched).
+int cachegen_decode_values_cuda(uint32_t layers, uint32_t heads, uint32_t num_tokens, uint32_t per_token,
+                                const uint32_t* table_map, const uint32_t* freq, const uint32_t* cum,
+                                uint32_t alphabet, const uint32_t* words, const uint64_t* offsets,
+                                const uint32_t* sizes, const uint16_t* scales, const uint16_t* bins,
+                                uint16_t* out, int32_t* status, void* cuda_stream);
+
+int cachegen_cuda_device_count();
+}

@@ -1,0 +1,122 @@
+// One rANS core for the CPU extension and the CUDA kernels: plain C++, no torch, no Python, no allocation.
+// Bit-compatible with constriction's AnsCoder: 64-bit state, 32-bit words, 24-bit frequencies (FORMAT.md §7).
+#pragma once
+#include <cstdint>
+
+#include "cachegen/spec.h"
+
+#if defined(__CUDACC__)
+#define CG_HD __host__ __device__ __forceinline__
+#else
+#define CG_HD inline
+#endif
+
+namespace cachegen {
+
+// num_tables rows of `alphabet` entries; freq >= 1, each row sums to 2^24; cum = exclusive prefix sums.
+struct TableSet {
+  const uint32_t* freq;
+  const uint32_t* cum;
+  uint32_t alphabet;
+  // Optional (nullptr: binary search). slots[t * 256 + (q >> 16)] = the symbol of quantile (q >> 16) << 16 in
+  // table t: the true symbol is that one or a few above it, so peaked tables resolve in one load.
+  const uint8_t* slots = nullptr;
+};
+
+// Largest s with cum[s] <= quantile: branch-free binary search over one row (alphabet <= 256).
+CG_HD uint32_t find_symbol(const uint32_t* cum, uint32_t alphabet, uint32_t quantile) {
+  uint32_t lo = 0, size = alphabet;
+  while (size > 1) {
+    uint32_t half = size >> 1;
+    lo = (cum[lo + half] <= quantile) ? lo + half : lo;
+    size -= half;
+  }
+  return lo;
+}
+
+// Pop the initial state: one word alone is the whole state; else high word last, low word before it.
+CG_HD uint64_t initial_state(const uint32_t* words, uint32_t* remaining) {
+  uint32_t n = *remaining;
+  if (n == 0) return 0;
+  if (n == 1) { *remaining = 0; return words[0]; }
+  *remaining = n - 2;
+  return (static_cast<uint64_t>(words[n - 1]) << 32) | words[n - 2];
+}
+
+// One decode step: symbol for `row` of the tables, state advanced and refilled from the stack of words.
+CG_HD uint32_t decode_step(uint64_t* state, const uint32_t* words, uint32_t* remaining, const TableSet& t,
+                           uint32_t table) {
+  const uint32_t quantile = static_cast<uint32_t>(*state & (kTotal - 1));
+  const uint32_t* cum = t.cum + static_cast<uint64_t>(table) * t.alphabet;
+  uint32_t sym;
+  if (t.slots != nullptr) {
+    sym = t.slots[static_cast<uint64_t>(table) * 256 + (quantile >> 16)];
+    // First step branch-free (symbols vary, so a data-dependent branch here mispredicts); further steps are rare.
+    const uint32_t next = sym + 1 < t.alphabet ? sym + 1 : sym;
+    sym += (next != sym) & (cum[next] <= quantile);
+    while (sym + 1 < t.alphabet && cum[sym + 1] <= quantile) ++sym;
+  } else {
+    sym = find_symbol(cum, t.alphabet, quantile);
+  }
+  const uint64_t f = t.freq[static_cast<uint64_t>(table) * t.alphabet + sym];
+  uint64_t x = f * (*state >> kPrecision) + quantile - cum[sym];
+  if (x < (1ull << 32) && *remaining > 0) x = (x << 32) | words[--*remaining];
+  *state = x;
+  return sym;
+}
+
+// Decode `count` symbols of one stream; position j uses table row[j % per_token]. sink(j, token, symbol) stores
+// them (token = j / per_token, tracked incrementally so no sink divides per symbol).
+template <class Sink>
+CG_HD Status decode_stream(const uint32_t* words, uint32_t num_words, uint32_t count, const uint32_t* row,
+                           uint32_t per_token, const TableSet& t, Sink& sink) {
+  uint32_t remaining = num_words;
+  uint64_t state = initial_state(words, &remaining);
+  uint32_t column = 0, token = 0;
+  for (uint32_t j = 0; j < count; ++j) {
+    sink(j, token, decode_step(&state, words, &remaining, t, row[column]));
+    if (++column == per_token) { column = 0; ++token; }
+  }
+  return (state == 0 && remaining == 0) ? kOk : kBadFinalState;
+}
+
+// Encode one stream into `out` (capacity count + 2 words), in constriction's get_compressed() order.
+CG_HD uint32_t encode_stream(const int32_t* symbols, uint32_t count, const uint32_t* row, uint32_t per_token,
+                             const TableSet& t, uint32_t* out) {
+  uint64_t state = 0;
+  uint32_t n = 0;
+  for (uint32_t j = count; j-- > 0;) {  // a stack: backwards, so the decoder pops forwards
+    const uint64_t base = static_cast<uint64_t>(row[j % per_token]) * t.alphabet + symbols[j];
+    const uint64_t f = t.freq[base];
+    if ((state >> (64 - kPrecision)) >= f) {
+      out[n++] = static_cast<uint32_t>(state);
+      state >>= 32;
+    }
+    state = ((state / f) << kPrecision) | (t.cum[base] + state % f);
+  }
+  const uint32_t low = static_cast<uint32_t>(state), high = static_cast<uint32_t>(state >> 32);
+  if (high != 0) { out[n++] = low; out[n++] = high; } else if (low != 0) { out[n++] = low; }
+  return n;
+}
+
+// bf16 of a float, round half to even (NaN never occurs: inputs are finite products).
+CG_HD uint16_t float_to_bf16(float value) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &value, 4);
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+CG_HD float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  __builtin_memcpy(&value, &wide, 4);
+  return value;
+}
+
+// step = scale / half as one IEEE float division (FORMAT.md §5.2); 0 for an all-zero vector.
+CG_HD float dequant_step(uint16_t scale_bits, uint32_t half) {
+  const float scale = bf16_to_float(scale_bits);
+  return scale == 0.0f ? 0.0f : scale / static_cast<float>(half);
+}
+
+}  // namespace cachegen

@@ -1,0 +1,100 @@
+"""Regenerates tests/golden: valid frames, the tables they use, and one hand-made bad frame per rejection rule.
+
+Run ``python -m tests.golden.make_golden`` only together with a FORMAT_VERSION bump (STYLE §7): the frames and
+their SHA-256 values are the format's fixed points, asserted by tests/unit/test_format_golden.py, by the C++
+test kernels/tests/test_golden.cpp and quoted in FORMAT.md Appendix A.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from pathlib import Path
+
+import torch
+
+from cachegen.codec import calibrate, encode
+from cachegen.spec import KVLayout
+
+HERE = Path(__file__).parent
+TINY = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, dtype="bfloat16", tokens_per_chunk=32)
+SMALL = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16", tokens_per_chunk=32)
+MODEL = b"golden"
+
+
+def small_kv(num_tokens: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    kv = torch.randn(SMALL.shape(num_tokens), generator=generator)
+    kv[:, 0, :, :, 5] *= 6  # a key outlier channel
+    return kv.bfloat16()
+
+
+def reseal(frame: bytearray) -> bytes:
+    """Recompute both CRCs after an edit, so the frame reaches the deeper checks."""
+    head = 48 + frame[15] + 16 * struct.unpack_from("<H", frame, 28)[0]
+    struct.pack_into("<I", frame, head, zlib.crc32(bytes(frame[:head])))
+    struct.pack_into("<I", frame, len(frame) - 4, zlib.crc32(bytes(frame[head + 4 : -4])))
+    return bytes(frame)
+
+
+def edited(frame: bytes, offset: int, fmt: str, value: int, seal: bool) -> bytes:
+    data = bytearray(frame)
+    struct.pack_into(fmt, data, offset if offset >= 0 else len(data) + offset, value)
+    return reseal(data) if seal else bytes(data)
+
+
+def build() -> dict[str, tuple[bytes, str]]:
+    """name -> (bytes, expectation): "ok", "mismatch", or the FormatError field a decoder must report."""
+    raw = encode(torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 0.25, -1.0, 8.0] * 2).bfloat16().reshape(TINY.shape(2)),
+                 TINY, MODEL, level=0, token_start=256)  # fmt: skip
+    tables = calibrate([small_kv(64, 1), small_kv(64, 2)], SMALL, MODEL)
+    kv = small_kv(40, 3)  # one full 32-token stream block and an 8-token tail block per head
+    lossless = encode(kv, SMALL, MODEL, level=1, tables=tables)
+    q32 = encode(kv, SMALL, MODEL, level=3, tables=tables)
+    words_end = len(q32) - 4
+    return {
+        "raw_tiny.bin": (raw, "ok"),
+        "tables_small.cgct": (tables.to_bytes(), "tables"),
+        "small_kv.bin": (kv.view(torch.int16).numpy().tobytes(), "values"),
+        "lossless_small.bin": (lossless, "ok"),
+        "q32_small.bin": (q32, "ok"),
+        "q32_small_decoded.bin": (b"", "values"),  # filled in by the writer from the reference decoder
+        "bad_magic.bin": (b"CGKX" + raw[4:], "magic"),
+        "bad_version.bin": (edited(raw, 4, "<H", 2, False), "version"),
+        "bad_truncated.bin": (raw[:-1], "section.size"),
+        "bad_header_crc.bin": (edited(raw, 24, "<I", 3, False), "header_crc32"),
+        "bad_payload_crc.bin": (edited(raw, 80, "<B", 0x55, False), "payload_crc32"),
+        "bad_reserved.bin": (edited(raw, 30, "<H", 1, True), "reserved"),
+        "bad_level.bin": (edited(raw, 6, "<B", 200, True), "level"),
+        "bad_num_tokens.bin": (edited(raw, 24, "<I", 1 << 20, True), "num_tokens"),
+        "bad_raw_size.bin": (edited(raw, 24, "<I", 3, True), "section.size"),
+        "bad_trailing.bin": (raw + b"\0", "frame_size"),
+        "bad_stream_sizes.bin": (edited(q32, _sizes_offset(q32), "<I", 0xFFFFFFFF, True), "stream_sizes"),
+        "bad_rans_state.bin": (edited(q32, words_end - 8, "<I", 0x12345, True), "rans_final_state"),
+        "wrong_model.bin": (encode(kv, SMALL, b"other", level=0), "mismatch"),
+    }
+
+
+def _sizes_offset(frame: bytes) -> int:
+    from cachegen.codec.bitstream import parse_frame
+
+    return parse_frame(frame).sections[-2].offset
+
+
+def main() -> None:
+    from cachegen.codec import decode, load_tables
+
+    entries = build()
+    tables = load_tables(entries["tables_small.cgct"][0])
+    decoded = decode(entries["q32_small.bin"][0], SMALL, MODEL, tables=tables, backend="reference")
+    entries["q32_small_decoded.bin"] = (decoded.view(torch.int16).numpy().tobytes(), "values")
+    lines = []
+    for name, (data, expect) in entries.items():
+        (HERE / name).write_bytes(data)
+        lines.append(f"{name} {hashlib.sha256(data).hexdigest()} {expect}")
+    (HERE / "MANIFEST").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

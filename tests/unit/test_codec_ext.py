@@ -1,0 +1,58 @@
+"""The C++ extension and the numpy reference path: identical bytes out, identical values back (STYLE §6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cachegen import spec
+from cachegen.codec import _ext, calibrate, decode, encode
+from cachegen.codec.bitstream import HEADER_SIZE
+from cachegen.codec.levels import SCHEME_BY_LEVEL
+from cachegen.codec.quant import STREAM_TOKENS
+from cachegen.codec.rans import PRECISION
+from cachegen.errors import FormatError
+from cachegen.spec import KVLayout
+from tests.golden.make_golden import reseal
+
+pytestmark = pytest.mark.skipif(not _ext.has_cpu(), reason="C++ extension not built (pip install -e .)")
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16", tokens_per_chunk=32)
+MODEL = b"model-fingerprint"
+
+
+def make_kv(num_tokens: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(LAYOUT.shape(num_tokens), generator=generator) * 2).bfloat16()
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return calibrate([make_kv(32, 1), make_kv(32, 2)], LAYOUT, MODEL)
+
+
+def test_extension_constants_match_spec() -> None:
+    assert _ext.constants() == {
+        "MAGIC": int.from_bytes(spec.MAGIC, "little"),
+        "FORMAT_VERSION": spec.FORMAT_VERSION,
+        "PRECISION": PRECISION,
+        "STREAM_TOKENS": STREAM_TOKENS,
+        "HEADER_SIZE": HEADER_SIZE,
+    }
+
+
+@pytest.mark.parametrize("level", sorted(SCHEME_BY_LEVEL))
+@pytest.mark.parametrize("num_tokens", [1, 32, 45])
+def test_extension_and_reference_agree(tables, level: int, num_tokens: int) -> None:
+    kv = make_kv(num_tokens, 3 + level)
+    frame = encode(kv, LAYOUT, MODEL, level, tables=tables, backend="cpu")
+    assert frame == encode(kv, LAYOUT, MODEL, level, tables=tables, backend="reference")
+    fast = decode(frame, LAYOUT, MODEL, tables=tables, backend="auto")
+    slow = decode(frame, LAYOUT, MODEL, tables=tables, backend="reference")
+    assert torch.equal(fast.view(torch.int16), slow.view(torch.int16))
+
+
+def test_extension_rejects_corrupt_streams(tables) -> None:
+    frame = bytearray(encode(make_kv(40, 9), LAYOUT, MODEL, 3, tables=tables))
+    frame[-40] ^= 0x10  # inside the words section
+    with pytest.raises(FormatError):
+        decode(reseal(frame), LAYOUT, MODEL, tables=tables, backend="auto")

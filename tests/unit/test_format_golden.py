@@ -1,0 +1,68 @@
+"""The golden frames of tests/golden (FORMAT.md Appendix A): hashes, decodes, re-encodes and rejections."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cachegen.codec import _ext, decode, encode, load_tables, peek_header
+from cachegen.errors import FormatError, LayoutMismatch
+from tests.golden.make_golden import MODEL, SMALL, TINY
+
+GOLDEN = Path(__file__).parents[1] / "golden"
+MANIFEST = [line.split() for line in (GOLDEN / "MANIFEST").read_text().splitlines() if line.strip()]
+BACKENDS = ["reference"] + (["cpu"] if _ext.has_cpu() else [])
+
+
+def read(name: str) -> bytes:
+    return (GOLDEN / name).read_bytes()
+
+
+@pytest.mark.parametrize(("name", "sha256"), [(n, h) for n, h, _ in MANIFEST])
+def test_golden_file_hashes(name: str, sha256: str) -> None:
+    assert hashlib.sha256(read(name)).hexdigest() == sha256
+
+
+def small_kv() -> torch.Tensor:
+    return (
+        torch.from_numpy(np.frombuffer(read("small_kv.bin"), np.int16).copy())
+        .view(torch.bfloat16)
+        .reshape(SMALL.shape(40))
+    )
+
+
+def test_raw_tiny_frame_decodes_to_appendix_values() -> None:
+    kv = decode(read("raw_tiny.bin"), TINY, MODEL)
+    assert kv.flatten().tolist() == [1.0, -2.0, 0.5, 0.0, 3.0, 0.25, -1.0, 8.0] * 2
+    assert peek_header(read("raw_tiny.bin")).token_start == 256
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_coded_frames_decode_and_reencode_identically(backend: str) -> None:
+    tables = load_tables(read("tables_small.cgct"))
+    kv = small_kv()
+    lossless = decode(read("lossless_small.bin"), SMALL, MODEL, tables=tables, backend=backend)
+    assert torch.equal(lossless.view(torch.int16), kv.view(torch.int16))
+    q32 = decode(read("q32_small.bin"), SMALL, MODEL, tables=tables, backend=backend)
+    assert q32.view(torch.int16).numpy().tobytes() == read("q32_small_decoded.bin")
+    assert encode(kv, SMALL, MODEL, 1, tables=tables, backend=backend) == read("lossless_small.bin")
+    assert encode(kv, SMALL, MODEL, 3, tables=tables, backend=backend) == read("q32_small.bin")
+
+
+@pytest.mark.parametrize(("name", "field"), [(n, e) for n, _, e in MANIFEST if n.startswith("bad_")])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_frames_report_their_field(name: str, field: str, backend: str) -> None:
+    tables = load_tables(read("tables_small.cgct"))
+    layout = SMALL if len(read(name)) > 1000 else TINY
+    with pytest.raises(FormatError) as info:
+        decode(read(name), layout, MODEL, tables=tables, backend=backend)
+    assert info.value.field == field
+
+
+def test_wrong_model_frame_is_layout_mismatch() -> None:
+    with pytest.raises(LayoutMismatch):
+        decode(read("wrong_model.bin"), SMALL, MODEL)
