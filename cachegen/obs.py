@@ -2,6 +2,12 @@
 
 Metric names follow ``cachegen_<component>_<what>_<unit>``; label values come from small fixed sets (method,
 status, direction, result), never keys or request ids. Only entry points call ``configure_logging``.
+
+In prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before it is first imported; ``cachegen
+serve`` sets it, see ``server.engine``) every process writes its samples to files in that directory and
+``metrics_registry`` reads them all back: that is how the connector's counters, incremented in vLLM's engine
+processes, reach the API's ``/metrics``. Counters and histograms need nothing more; a gauge would need a
+``multiprocess_mode``.
 """
 
 from __future__ import annotations
@@ -9,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from cachegen.config import LogSettings
 
@@ -54,7 +62,7 @@ API_CONTEXT_EVENTS = Counter(
     "cachegen_api_context_events_total", "Cached-context lifecycle events.", ["event"]  # created|deleted|expired|failed
 )
 
-# --- KV connector (cachegen/connector; counted in vLLM's engine process, see issue 6 notes) ----------------------
+# --- KV connector (cachegen/connector; counted in vLLM's engine processes, exposed in multiprocess mode) ----------
 CONNECTOR_FETCHED_BYTES = Counter(
     "cachegen_connector_fetched_bytes_total", "Coded KV bytes fetched from the store, by level.", ["level"]
 )
@@ -65,6 +73,18 @@ CONNECTOR_FALLBACK_CHUNKS = Counter(
     "cachegen_connector_fallback_chunks_total",
     "Chunks recomputed instead of loaded, by reason (slo: planned, fetch: missing or store down, decode: rejected).", ["reason"],
 )  # fmt: skip
+
+
+def metrics_registry(multiprocess_dir: Path | None = None) -> CollectorRegistry:
+    """What ``/metrics`` exposes: the samples every process wrote to ``multiprocess_dir`` (multiprocess mode) plus
+    this process's ``process_*`` and ``python_info``, else this process's default registry."""
+    if multiprocess_dir is None:
+        return REGISTRY
+    collected = CollectorRegistry()
+    MultiProcessCollector(collected, path=str(multiprocess_dir))
+    ProcessCollector(registry=collected)
+    PlatformCollector(registry=collected)
+    return collected
 
 
 class _JsonFormatter(logging.Formatter):

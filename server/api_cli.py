@@ -2,7 +2,9 @@
 
 Settings are layered env (``CACHEGEN_*``) < YAML file (``--config``, same sections as ``cachegen.config.Settings``)
 < flags. vLLM on CPU needs its environment (preloaded OpenMP runtime, thread binding) from the first instruction,
-so the process re-executes itself once with ``server.engine.engine_env`` before anything heavy is imported.
+so the process re-executes itself once with ``server.engine.engine_env`` before anything heavy is imported. That
+environment also names this server's Prometheus multiprocess directory (``<home>/metrics/serve-<pid>``, removed on
+exit), so ``/metrics`` shows the counters of vLLM's child processes (the connector's) beside the API's own.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -76,9 +79,9 @@ def load_settings(args: argparse.Namespace) -> Settings:
 
 def _reexec_with_engine_env(settings: Settings) -> None:
     """Replace this process with itself under the engine environment (once; the marker stops a loop)."""
-    from server.engine import engine_env
+    from server.engine import engine_env, server_metrics_dir
 
-    env = engine_env(os.environ, settings)
+    env = engine_env(os.environ, settings, metrics_dir=server_metrics_dir(settings, os.getpid()))
     env[_ENV_APPLIED] = "1"
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, "-m", "server.cli", *sys.argv[1:]], env)
@@ -128,10 +131,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if os.environ.get(_ENV_APPLIED) != "1":
         _reexec_with_engine_env(settings)
-    return _serve(settings, args.ready_file)
+    from server.engine import METRICS_DIR_ENV, server_metrics_dir
+
+    metrics_dir = Path(os.environ[METRICS_DIR_ENV]) if os.environ.get(METRICS_DIR_ENV) else None
+    is_owned = metrics_dir is not None and metrics_dir == server_metrics_dir(settings, os.getpid())
+    try:
+        return _serve(settings, args.ready_file, metrics_dir, is_owned)
+    finally:  # a SIGTERM ends the process inside _serve (uvicorn re-raises it); the app's shutdown removes it then
+        if is_owned:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _serve(settings: Settings, ready_file: Path | None) -> int:
+def _serve(settings: Settings, ready_file: Path | None, metrics_dir: Path | None, is_metrics_dir_owned: bool) -> int:
     import uvicorn
 
     from cachegen import obs
@@ -145,7 +156,7 @@ def _serve(settings: Settings, ready_file: Path | None) -> int:
     try:
         model_dir = ensure_model(settings.home, settings.server.model)
         engine = VllmEngine(settings, model_dir)
-        app = create_app(settings, engine)
+        app = create_app(settings, engine, metrics_dir=metrics_dir, is_metrics_dir_owned=is_metrics_dir_owned)
     except (CacheGenError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,10 @@
 Facts behind the defaults (measured on 2-core CPU machines, see DESIGN.md §3): vLLM would take 92% of RAM for
 its KV pool unless told; binding OpenMP to every core halves prefill; the venv's ``libiomp5.so`` must be
 preloaded; eager mode starts in ~14 s while compiled mode recompiles on every start.
+
+Metrics across processes: vLLM runs the scheduler and the workers (where the connector counts chunks and bytes) in
+child processes, so ``cachegen serve`` puts prometheus_client in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``):
+every process writes its samples to files in one directory, and the API's ``/metrics`` reads them all.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from cachegen.config import Settings
 
 CONNECTOR_CLASS = "CacheGenConnector"
 CONNECTOR_MODULE = "cachegen.connector.vllm_v1"
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when it is first imported
 
 
 def has_cuda_gpu() -> bool:
@@ -29,9 +34,27 @@ def has_cuda_gpu() -> bool:
         return False
 
 
-def engine_env(base: Mapping[str, str], settings: Settings) -> dict[str, str]:
-    """Environment for a vLLM process on this machine (CPU settings are harmless on GPU machines)."""
+def server_metrics_dir(settings: Settings, pid: int) -> Path:
+    """The Prometheus multiprocess directory of the `cachegen serve` process ``pid`` (the re-exec keeps the pid)."""
+    return settings.home / "metrics" / f"serve-{pid}"
+
+
+def engine_env(base: Mapping[str, str], settings: Settings, *, metrics_dir: Path | None = None) -> dict[str, str]:
+    """Environment for a vLLM process on this machine (CPU settings are harmless on GPU machines).
+
+    With ``metrics_dir``, prometheus_client runs in multiprocess mode there: the directory is created and its
+    stale ``*.db`` files (from an earlier process with the same pid) removed. A ``PROMETHEUS_MULTIPROC_DIR``
+    already in ``base`` wins; it is created if missing and otherwise left alone (whoever set it owns it).
+    """
     env = dict(base)
+    if metrics_dir is not None:
+        if base.get(METRICS_DIR_ENV):
+            Path(base[METRICS_DIR_ENV]).mkdir(parents=True, exist_ok=True)
+        else:
+            metrics_dir.mkdir(parents=True, exist_ok=True)
+            for stale in metrics_dir.glob("*.db"):
+                stale.unlink(missing_ok=True)
+            env[METRICS_DIR_ENV] = str(metrics_dir)
     if not has_cuda_gpu():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, settings.server.kv_cache_bytes >> 30)))
         cores = sorted(os.sched_getaffinity(0))
@@ -62,13 +85,13 @@ def connector_config(settings: Settings) -> dict[str, Any]:
 
 def llm_kwargs(settings: Settings, model_dir: Path, *, is_connector: bool, is_prefix_caching: bool) -> dict:
     """Keyword arguments of ``vllm.LLM`` (offline engine) for benchmarks and tests."""
-    kwargs: dict[str, Any] = dict(
-        model=str(model_dir),
-        max_model_len=settings.server.max_model_len,
-        enforce_eager=settings.server.is_eager,
-        enable_prefix_caching=is_prefix_caching,
-        max_num_batched_tokens=settings.server.max_model_len,
-    )
+    kwargs: dict[str, Any] = {
+        "model": str(model_dir),
+        "max_model_len": settings.server.max_model_len,
+        "enforce_eager": settings.server.is_eager,
+        "enable_prefix_caching": is_prefix_caching,
+        "max_num_batched_tokens": settings.server.max_model_len,
+    }
     if has_cuda_gpu():
         kwargs["kv_cache_memory_bytes"] = settings.server.kv_cache_bytes
     if is_connector:

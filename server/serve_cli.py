@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.store:
         overrides["store"] = {"url": args.store}
     settings = Settings.from_env(**overrides)
-    print(f"model: preparing (the bundled model is converted once, ~30 s)...", flush=True)
+    print("model: preparing (the bundled model is converted once, ~30 s)...", flush=True)
     try:
         model_dir = ensure_model(settings.home, settings.server.model)
     except ModelNotReady as exc:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI
 
+from cachegen import obs
 from cachegen.config import Settings
 from cachegen.store import KVStore, open_store
 from server.api import context_routes, routes
@@ -69,15 +72,28 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if shutdown is not None:
             shutdown()
         app.state.contexts.store.close()
+        if app.state.owned_metrics_dir is not None:  # the engine's processes have stopped writing there
+            shutil.rmtree(app.state.owned_metrics_dir, ignore_errors=True)
 
 
-def create_app(settings: Settings, engine: Engine, store: KVStore | None = None) -> FastAPI:
-    """One app serving ``engine``; ``store`` defaults to the configured store."""
+def create_app(
+    settings: Settings,
+    engine: Engine,
+    store: KVStore | None = None,
+    metrics_dir: Path | None = None,
+    *,
+    is_metrics_dir_owned: bool = False,
+) -> FastAPI:
+    """One app serving ``engine``; ``store`` defaults to the configured store. ``metrics_dir``: prometheus_client's
+    multiprocess directory when this process runs in that mode (``/metrics`` then covers vLLM's child processes);
+    ``is_metrics_dir_owned``: remove it on shutdown."""
     app = FastAPI(title="cachegen", version="0.1.0", lifespan=_lifespan, docs_url="/docs", redoc_url=None)
     app.state.settings = settings
     app.state.engine = engine
     app.state.api_keys = ApiKeys.from_settings(settings.server)
     app.state.created = int(time.time())
+    app.state.metrics_registry = obs.metrics_registry(metrics_dir)
+    app.state.owned_metrics_dir = metrics_dir if is_metrics_dir_owned else None
     app.state.contexts = ContextService(
         ContextRegistry(settings.contexts_dir()), store or open_api_store(settings), engine, settings.server
     )

@@ -40,8 +40,8 @@ async def health(request: Request) -> dict[str, str]:
 
 
 @router.get("/metrics")
-async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _model_card(engine: Engine, created: int) -> dict[str, Any]:

@@ -13,9 +13,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cachegen.errors import ChunkNotFound, DeadlineExceeded, InvalidRequest, StoreUnavailable
+from cachegen.errors import ChunkNotFound, DeadlineExceeded, InvalidRequest, StoreUnavailable, Unauthenticated
 from cachegen.spec import ChunkKey
-from cachegen.errors import Unauthenticated
 from cachegen.store import AsyncStoreClient, ChunkInfo, ClientOptions, StoreClient, open_store
 from tests.integration import store_fixtures
 from tests.integration.store_fixtures import TOKENS, free_port
