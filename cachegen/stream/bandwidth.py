@@ -71,15 +71,16 @@ class LinkShaper:
     """An in-process link following a bandwidth trace, for machines where `tc` is not allowed.
 
     Transfers are serialized as on one link: each starts when the previous one has finished and runs at the
-    trace's rate at its start (traces change far slower than one chunk takes). ``transfer(n)`` blocks until
-    ``n`` bytes have crossed. Thread-safe.
+    trace's rate at its start (traces change far slower than one chunk takes). The trace's second 0 is the
+    first transfer, so an engine's start-up does not use the trace up. ``transfer(n)`` blocks until ``n`` bytes
+    have crossed. Thread-safe.
     """
 
     def __init__(self, trace: Sequence[TracePoint], clock: Callable[[], float] = time.monotonic) -> None:
         self._trace, self._clock = list(trace), clock
         self._lock = threading.Lock()
-        self._start = clock()
-        self._next_free = self._start
+        self._start: float | None = None
+        self._next_free = 0.0
 
     def rate_at(self, elapsed_s: float) -> float:
         rate = self._trace[0].bandwidth_bps
@@ -91,7 +92,10 @@ class LinkShaper:
     def reserve(self, num_bytes: int) -> float:
         """Book ``num_bytes`` on the link; returns the clock time when they have arrived."""
         with self._lock:
-            begin = max(self._clock(), self._next_free)
+            now = self._clock()
+            if self._start is None:
+                self._start = self._next_free = now
+            begin = max(now, self._next_free)
             self._next_free = begin + 8 * num_bytes / max(self.rate_at(begin - self._start), 1.0)
             return self._next_free
 

@@ -1,6 +1,6 @@
 """Real SmolLM2 KV (64 tokens of CPython's pydoc text): our streams equal constriction's, word for word.
 
-Skipped until the bundled model has been prepared (`cachegen model prepare`); no download ever happens.
+The bundled model comes from the installed package (prepared once by the session fixture); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -12,11 +12,7 @@ from cachegen.codec import calibrate
 from cachegen.codec.calibrate import symbols_of
 from cachegen.codec.coded import encode_symbols
 from cachegen.codec.levels import SCHEME_BY_LEVEL
-from cachegen.config import Settings
-from cachegen.model import BUNDLED_NAME, kv_layout
-
-MODEL_DIR = Settings.from_env().home / "models" / BUNDLED_NAME
-pytestmark = pytest.mark.skipif(not (MODEL_DIR / "config.json").exists(), reason="bundled model not prepared")
+from cachegen.model import kv_layout
 
 
 def constriction_words(symbols: np.ndarray, ids: np.ndarray, freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +28,7 @@ def constriction_words(symbols: np.ndarray, ids: np.ndarray, freq: np.ndarray) -
 
 
 @pytest.fixture(scope="module")
-def real_kv():
+def real_kv(model_dir):
     from pydoc_data import topics
 
     import torch
@@ -40,10 +36,10 @@ def real_kv():
 
     from cachegen.codec.calibrate_cli import collect_kv
 
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.bfloat16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     kv, _ = collect_kv(model, tokenizer, topics.topics["assert"], 64)
-    layout = kv_layout(MODEL_DIR, "bfloat16", 64)
+    layout = kv_layout(model_dir, "bfloat16", 64)
     return kv, layout, calibrate([kv], layout, b"real")
 
 

@@ -91,3 +91,11 @@ def test_shaper_serializes_transfers_at_the_trace_rate():
     shaper = LinkShaper(_trace((0, 8e6)), clock=clock)  # 1 MB/s
     assert shaper.reserve(1_000_000) == pytest.approx(1.0)
     assert shaper.reserve(500_000) == pytest.approx(1.5)  # queued behind the first
+
+
+def test_shaper_replays_the_trace_from_the_first_transfer():
+    now = [0.0]
+    shaper = LinkShaper(_trace((0, 8e6), (0.5, 4e6)), clock=lambda: now[0])  # built during an engine's start-up
+    now[0] = 100.0
+    assert shaper.reserve(1_000_000) == pytest.approx(101.0)  # trace second 0: 1 MB/s
+    assert shaper.reserve(1_000_000) == pytest.approx(103.0)  # begins at trace second 1: 0.5 MB/s
