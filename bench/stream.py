@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 QUESTION = "\n\nQuestion: In one sentence, what is the text above about?\nAnswer:"
+OUTPUT_TOKENS = 16
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +41,7 @@ def _modes(slo_s: float) -> dict[str, dict]:
     return modes
 
 
-def _prompt(model_dir: Path, num_tokens: int) -> tuple[list[int], list[int]]:
+def _prompt(model_dir: Path, num_tokens: int, max_model_len: int) -> tuple[list[int], list[int]]:
     import pydoc_data.topics
 
     from transformers import AutoTokenizer
@@ -49,6 +50,7 @@ def _prompt(model_dir: Path, num_tokens: int) -> tuple[list[int], list[int]]:
     topics = pydoc_data.topics.topics
     corpus = tokenizer("\n\n".join(topics[name] for name in sorted(topics)))["input_ids"]
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    num_tokens = min(num_tokens, max_model_len - len(question) - OUTPUT_TOKENS)  # prompt + output must fit
     return corpus[:num_tokens] + question, corpus[-600:] + question
 
 
@@ -99,11 +101,11 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     model_dir = ensure_model(settings.home, args.model)
     _ensure_tables(settings, model_dir)
-    prompt, warmup = _prompt(model_dir, args.context_tokens)
+    prompt, warmup = _prompt(model_dir, args.context_tokens, settings.server.max_model_len)
     modes = _modes(args.slo)
     with tempfile.TemporaryDirectory(prefix="cachegen-bench-stream-") as scratch:
         spec = {"store_url": f"disk://{scratch}/store", "model_dir": str(model_dir), "prompt": prompt, "warmup": warmup,
-                "repeats": args.repeats, "output_tokens": 16, "tokens_per_chunk": settings.codec.tokens_per_chunk,
+                "repeats": args.repeats, "output_tokens": OUTPUT_TOKENS, "tokens_per_chunk": settings.codec.tokens_per_chunk,
                 "all_levels": [level.name for level in LEVELS], "smallest_level": LEVELS[-1].id, "modes": modes}  # fmt: skip
         spec_path = Path(scratch) / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -117,6 +119,6 @@ def run(args: argparse.Namespace) -> int:
     print_table(rows)
     plot_path = plot(rows, args.json_path)
     result = {"bench": "stream", **run_header(settings), "shaping": "in-process", "slo_s": args.slo,
-              "context_tokens": args.context_tokens, "results": rows, "traces": traces, "plot": plot_path}  # fmt: skip
+              "context_tokens": args.context_tokens, "prompt_tokens": len(prompt), "results": rows, "traces": traces, "plot": plot_path}  # fmt: skip
     emit(result, args.json_path)
     return 0
