@@ -110,3 +110,13 @@ def num_chunks_stored(store_dir: Path, token_ids: list[int], tenant: str) -> int
     layout = kv_layout(model_dir, "bfloat16", TOKENS_PER_CHUNK)
     keys = chunk_keys(token_ids, layout, model_fingerprint(model_dir, layout), tenant)
     return len(open_store(f"disk://{store_dir}").lookup(keys))
+
+
+def wait_until(predicate, timeout_s: float = 30.0) -> bool:
+    """Poll ``predicate`` every 0.1 s until it holds (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

@@ -6,7 +6,6 @@ the connector loads nothing from the store."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tests.integration.api_servers import (
     num_chunks_stored,
     start_node,
     wait_node,
+    wait_until,
 )
 from tests.integration.test_api_server import corpus_text
 
@@ -44,15 +44,6 @@ def _total(samples: dict, name: str) -> float:
     return sum(value for (sample, _), value in samples.items() if sample == name)
 
 
-def _wait_until(predicate, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def test_connector_counters_reach_the_api_metrics(store_node: tuple[ApiNode, Path], tokenizer):
     node, store_dir = store_node
     http, sdk = node.http("alice"), node.sdk("alice")
@@ -64,7 +55,7 @@ def test_connector_counters_reach_the_api_metrics(store_node: tuple[ApiNode, Pat
     first = sdk.completions.create(model=node.model, prompt=prompt, max_tokens=4, temperature=0)
     assert cached_tokens(first.usage) == 0
     # Saves finish on the connector's saver thread after the response.
-    assert _wait_until(lambda: num_chunks_stored(store_dir, ids, "alice") == num_chunks)
+    assert wait_until(lambda: num_chunks_stored(store_dir, ids, "alice") == num_chunks, timeout_s=60.0)
     before = parse_prometheus(http.get("/metrics").text)
     second = sdk.completions.create(model=node.model, prompt=prompt, max_tokens=4, temperature=0)
     text = http.get("/metrics").text

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.api_servers import TOKENS_PER_CHUNK, ApiNode, cached_tokens, num_chunks_stored
+from tests.integration.api_servers import TOKENS_PER_CHUNK, ApiNode, cached_tokens, num_chunks_stored, wait_until
 from tests.integration.test_api_server import corpus_text
 
 pytestmark = pytest.mark.engine
@@ -27,15 +27,6 @@ def prose(index: int) -> str:
 
 def _ids(tokenizer, text: str, *, is_start: bool = True) -> list[int]:
     return list(tokenizer(text, add_special_tokens=is_start)["input_ids"])
-
-
-def _wait_until(predicate, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_completion_reports_cached_tokens_on_repeat(api_node: ApiNode, tokenizer):
@@ -152,7 +143,7 @@ def test_cachegen_options_reach_the_connector(api_node: ApiNode, api_store_dir: 
     # Saves finish on the connector's saver thread after the response, in request order.
     saved_ids, unsaved_ids = _ids(tokenizer, saved), _ids(tokenizer, unsaved)
     num_saved = len(saved_ids) // TOKENS_PER_CHUNK
-    assert _wait_until(lambda: num_chunks_stored(api_store_dir, saved_ids, "carol") == num_saved > 0)
+    assert wait_until(lambda: num_chunks_stored(api_store_dir, saved_ids, "carol") == num_saved > 0)
     assert num_chunks_stored(api_store_dir, unsaved_ids, "carol") == 0
     with pytest.raises(openai.BadRequestError):
         sdk.completions.create(model=api_node.model, prompt="hi", extra_body={"cachegen": {"slo_ms": -1}})
@@ -215,7 +206,7 @@ def test_context_ttl_expiry_removes_record_and_chunks(api_node: ApiNode, api_sto
     assert carol.patch(f"/v1/contexts/{context['id']}", json={"ttl": 0.3}).status_code == 200
     time.sleep(0.5)
     assert carol.get(f"/v1/contexts/{context['id']}").status_code == 404
-    assert _wait_until(lambda: num_chunks_stored(api_store_dir, ids, "carol") == 0, timeout_s=10)  # swept
+    assert wait_until(lambda: num_chunks_stored(api_store_dir, ids, "carol") == 0, timeout_s=10)  # swept
 
 
 def test_context_validation(api_node: ApiNode):
@@ -238,7 +229,7 @@ def test_background_registration_reports_progress(api_node: ApiNode):
     created = carol.post("/v1/contexts", json={"model": api_node.model, "text": prose(8), "wait": False})
     assert created.status_code in (200, 202)
     path = f"/v1/contexts/{created.json()['id']}"
-    assert _wait_until(lambda: carol.get(path).json()["state"] == "ACTIVE")
+    assert wait_until(lambda: carol.get(path).json()["state"] == "ACTIVE")
     progress = carol.get(path).json()["progress"]
     assert progress["stored_chunks"] == progress["total_chunks"] > 0
     assert carol.delete(path).json()["deleted"] is True
