@@ -30,9 +30,21 @@ class NodeSpeeds:
     """This node's measured speeds (runtime discoveries, never settings)."""
 
     decode_bytes_per_s: float
-    """Coded bytes decoded and injected per second; overlaps the next chunk's fetch."""
+    """Coded bytes decoded and injected per second for a level not measured yet; overlaps the next fetch."""
     prefill_tokens_per_s: float
     """Prefill throughput of this engine: the price of recomputing a chunk."""
+    decode_by_level: tuple[tuple[int, float], ...] = ()
+    """Measured (level, bytes/s) pairs: levels decode at very different speeds (raw is a copy, the entropy-coded
+    lossless level ~10x slower on CPU), so one average would make a slow level look as cheap as a fast one."""
+
+    def decode_rate(self, level: int) -> float:
+        return dict(self.decode_by_level).get(level, self.decode_bytes_per_s)
+
+    def with_decode(self, level: int, bytes_per_s: float) -> NodeSpeeds:
+        """These speeds with ``level``'s decode rate moved halfway towards a new measurement."""
+        rates = dict(self.decode_by_level)
+        rates[level] = 0.5 * bytes_per_s + 0.5 * rates.get(level, bytes_per_s)
+        return NodeSpeeds(self.decode_bytes_per_s, self.prefill_tokens_per_s, tuple(sorted(rates.items())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +62,7 @@ class StreamTarget:
 def chunk_seconds(option: LevelOption, bandwidth_bps: float, speeds: NodeSpeeds) -> float:
     """Critical-path time of one chunk: fetch and decode overlap across chunks, so the slower one counts."""
     transfer_s = 8 * option.size_bytes / max(bandwidth_bps, 1.0)
-    decode_s = option.size_bytes / max(speeds.decode_bytes_per_s, 1.0)
+    decode_s = option.size_bytes / max(speeds.decode_rate(option.level), 1.0)
     return max(transfer_s, decode_s)
 
 

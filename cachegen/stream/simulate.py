@@ -58,7 +58,7 @@ def simulate(
         size = next(o.size_bytes for o in chunks[index] if o.level == level)
         arrived = transfer_end(trace, now, size)
         estimate = estimate.observe(size, arrived - now)
-        decode_done = max(decode_done, arrived) + size / speeds.decode_bytes_per_s
+        decode_done = max(decode_done, arrived) + size / speeds.decode_rate(level)
         now, fetched_bytes = arrived, fetched_bytes + size
         levels.append(level)
     num_recomputed = levels.count(RECOMPUTE)

@@ -97,7 +97,7 @@ class Streamer:
             if data is None:
                 return
             report.levels.append(level)
-            decoded.put((position, data))
+            decoded.put((position, level, data))
 
     def _fetch(self, key: ChunkKey, level: int, report: StreamReport) -> bytes | None:
         fetch_started = time.perf_counter()
@@ -119,11 +119,11 @@ class Streamer:
         while (item := decoded.get()) is not None:
             if stop.is_set():
                 continue  # drain what the fetch loop already queued
-            position, data = item
+            position, level, data = item
             try:
                 started = time.perf_counter()
                 sink(position, decode_chunk(data, self._codec))
-                self._observe_decode(len(data), time.perf_counter() - started)
+                self._observe_decode(level, len(data), time.perf_counter() - started)
                 report.num_injected = position + 1
             except CacheGenError as exc:
                 self._stop(report, stop, f"chunk {position} rejected: {exc}")
@@ -137,11 +137,9 @@ class Streamer:
         report.stop_reason, report.stop_kind = reason, "decode"
         stop.set()
 
-    def _observe_decode(self, num_bytes: int, seconds: float) -> None:
+    def _observe_decode(self, level: int, num_bytes: int, seconds: float) -> None:
         with self._lock:
-            rate = num_bytes / max(seconds, 1e-9)
-            previous = self.speeds.decode_bytes_per_s
-            self.speeds = NodeSpeeds(0.5 * rate + 0.5 * previous, self.speeds.prefill_tokens_per_s)
+            self.speeds = self.speeds.with_decode(level, num_bytes / max(seconds, 1e-9))
 
     def observe_prefill(self, num_tokens: int, seconds: float) -> None:
         """The engine prefilled ``num_tokens`` in ``seconds``: the measured price of recomputing."""
@@ -149,6 +147,5 @@ class Streamer:
             return  # decode steps and tiny prefills say little about prefill speed
         with self._lock:
             rate = num_tokens / seconds
-            self.speeds = NodeSpeeds(
-                self.speeds.decode_bytes_per_s, 0.5 * rate + 0.5 * self.speeds.prefill_tokens_per_s
-            )
+            prefill = 0.5 * rate + 0.5 * self.speeds.prefill_tokens_per_s
+            self.speeds = NodeSpeeds(self.speeds.decode_bytes_per_s, prefill, self.speeds.decode_by_level)

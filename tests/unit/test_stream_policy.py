@@ -99,3 +99,20 @@ def test_shaper_replays_the_trace_from_the_first_transfer():
     now[0] = 100.0
     assert shaper.reserve(1_000_000) == pytest.approx(101.0)  # trace second 0: 1 MB/s
     assert shaper.reserve(1_000_000) == pytest.approx(103.0)  # begins at trace second 1: 0.5 MB/s
+
+
+def test_a_slow_decoding_level_loses_to_a_fast_one_on_a_fast_link():
+    raw, lossless = LevelOption(0, 5_900_000, 5), LevelOption(1, 3_900_000, 6)
+    chunks = [[raw, lossless]] * 32
+    unmeasured = NodeSpeeds(decode_bytes_per_s=300e6, prefill_tokens_per_s=1000.0)
+    assert choose(chunks, 0.0, 10e9, unmeasured, StreamTarget(slo_s=2.0), TOKENS) == 1  # fewer bytes, same values
+    measured = unmeasured.with_decode(1, 46e6)  # entropy decoding on a CPU core: ~85 ms per chunk
+    assert measured.decode_rate(1) == pytest.approx(46e6) and measured.decode_rate(0) == 300e6
+    assert choose(chunks, 0.0, 10e9, measured, StreamTarget(slo_s=2.0), TOKENS) == 0  # raw is a copy: it fits
+    assert choose(chunks, 0.0, 10e9, measured, StreamTarget(slo_s=10.0), TOKENS) == 1  # time to spare: fewer bytes
+
+
+def test_decode_measurements_are_averaged_per_level():
+    speeds = NodeSpeeds(300e6, 1000.0).with_decode(1, 40e6).with_decode(1, 60e6).with_decode(0, 900e6)
+    assert speeds.decode_rate(1) == pytest.approx(50e6) and speeds.decode_rate(0) == pytest.approx(900e6)
+    assert speeds.decode_rate(4) == 300e6  # never measured: the prior
