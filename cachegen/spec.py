@@ -147,11 +147,12 @@ def chunk_keys(
 
 
 def level_quality(level_id: int) -> int:
-    """The planner's order of levels, higher is better: exact levels above every lossy one (the coded exact
-    level above raw: same values, fewer bytes), then lossy levels in ``LEVELS`` order (larger, finer first)."""
-    exact = sorted((level.id for level in LEVELS if level.is_lossless), reverse=True)
+    """The planner's order of levels, higher is better: every exact level ranks above every lossy one, and exact
+    levels tie (same values: the planner takes whichever arrives first); lossy levels follow in ``LEVELS`` order
+    (larger, finer first)."""
     lossy = [level.id for level in LEVELS if not level.is_lossless]
-    order = exact + lossy
-    if level_id not in order:
+    if any(level.id == level_id and level.is_lossless for level in LEVELS):
+        return len(lossy) + 1
+    if level_id not in lossy:
         raise ValueError(f"unknown level id {level_id}")
-    return len(order) - order.index(level_id)
+    return len(lossy) - lossy.index(level_id)

@@ -84,7 +84,8 @@ def choose(
         return RECOMPUTE
     suffix_s = recompute_seconds(target.suffix_tokens, speeds)
     budget_s = (target.slo_s - elapsed_s - suffix_s) / len(remaining)
-    for option in sorted(allowed[0], key=lambda o: -o.quality):
+    # Best quality first; among equals (e.g. raw and lossless: the same values) the one that arrives sooner.
+    for option in sorted(allowed[0], key=lambda o: (-o.quality, chunk_seconds(o, bandwidth_bps, speeds))):
         if chunk_seconds(option, bandwidth_bps, speeds) <= budget_s:
             return option.level
     # Nothing fits the even share: take the fastest way to the first token, fetching the smallest levels up to

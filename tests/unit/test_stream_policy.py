@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cachegen.spec import level_quality
 from cachegen.stream.bandwidth import LinkShaper, ThroughputEstimate, TracePoint, parse_rate, parse_trace
 from cachegen.stream.policy import RECOMPUTE, LevelOption, NodeSpeeds, StreamTarget, choose
 from cachegen.stream.simulate import simulate, transfer_end
@@ -102,14 +103,15 @@ def test_shaper_replays_the_trace_from_the_first_transfer():
 
 
 def test_a_slow_decoding_level_loses_to_a_fast_one_on_a_fast_link():
-    raw, lossless = LevelOption(0, 5_900_000, 5), LevelOption(1, 3_900_000, 6)
+    raw, lossless = LevelOption(0, 5_900_000, level_quality(0)), LevelOption(1, 3_900_000, level_quality(1))
+    assert raw.quality == lossless.quality  # the same values: only time decides between them
     chunks = [[raw, lossless]] * 32
     unmeasured = NodeSpeeds(decode_bytes_per_s=300e6, prefill_tokens_per_s=1000.0)
-    assert choose(chunks, 0.0, 10e9, unmeasured, StreamTarget(slo_s=2.0), TOKENS) == 1  # fewer bytes, same values
+    assert choose(chunks, 0.0, 10e9, unmeasured, StreamTarget(slo_s=2.0), TOKENS) == 1  # fewer bytes to decode
     measured = unmeasured.with_decode(1, 46e6)  # entropy decoding on a CPU core: ~85 ms per chunk
     assert measured.decode_rate(1) == pytest.approx(46e6) and measured.decode_rate(0) == 300e6
-    assert choose(chunks, 0.0, 10e9, measured, StreamTarget(slo_s=2.0), TOKENS) == 0  # raw is a copy: it fits
-    assert choose(chunks, 0.0, 10e9, measured, StreamTarget(slo_s=10.0), TOKENS) == 1  # time to spare: fewer bytes
+    assert choose(chunks, 0.0, 10e9, measured, StreamTarget(slo_s=2.0), TOKENS) == 0  # raw is a copy: sooner
+    assert choose(chunks, 0.0, 100e6, measured, StreamTarget(slo_s=20.0), TOKENS) == 1  # slow link: fewer bytes
 
 
 def test_decode_measurements_are_averaged_per_level():
