@@ -3,7 +3,6 @@ configured by a YAML file plus flags, the way an operator runs it."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import httpx
 import openai
 import yaml
 
-from tests.integration.engines import free_port
+from tests.integration.engines import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 600
@@ -40,13 +39,7 @@ class ApiNode:
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=600)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def start_node(work: Path, name: str, store_url: str, **settings: object) -> ApiNode:

@@ -20,6 +20,18 @@ from server.engine import api_server_argv, engine_env
 STARTUP_TIMEOUT_S = 420
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within ``timeout_s``."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -42,12 +54,7 @@ class EngineServer:
         return response.json()
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 def start_engine(settings: Settings, model_dir: Path, log_path: Path, *, prefix_caching: bool = False) -> EngineServer:
