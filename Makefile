@@ -42,9 +42,18 @@ kernels-check:
 	build/kernels/test_golden tests/golden
 
 # On a CUDA machine: builds the CUDA library the codec loads, checks GPU == CPU bytes, runs the GPU tests and benchmark.
+# The one command for a lent GPU machine: builds the CUDA library, runs the golden and GPU tests, then the GPU codec
+# benchmark on real KV. The model cannot travel to such a machine: export its KV first where the model is
+# (`make build/bench_kv.safetensors`) and pass GPU_TABLES; PY=python3 uses that machine's own torch.
+GPU_KV ?= build/bench_kv.safetensors
+GPU_TABLES ?=
 gpu-check: kernels-check
+	$(PY) setup.py build_ext --inplace -q
 	$(NVCC) -shared -Xcompiler -fPIC $(KERNEL_FLAGS) $(CUDA_ARCHS) kernels/cuda/decode.cu -o cachegen/codec/libcachegen_cuda.so
 	$(NVCC) $(KERNEL_FLAGS) $(CUDA_ARCHS) kernels/tests/test_cuda_golden.cu kernels/cuda/decode.cu kernels/cpu/frame.cpp kernels/cpu/codec_cpu.cpp -o build/kernels/test_cuda_golden
 	build/kernels/test_cuda_golden tests/golden
-	$(PY) -m pytest -m gpu tests/gpu -q
-	$(PY) -m server.cli bench codec --device cuda --tokens 2048 --json build/bench_codec_gpu.json
+	$(PY) -m pytest -m gpu tests/gpu -q -p no:cacheprovider
+	$(PY) -m server.cli bench codec-gpu --kv $(GPU_KV) $(if $(GPU_TABLES),--tables $(GPU_TABLES)) --json build/bench_codec_gpu.json
+
+build/bench_kv.safetensors: setup
+	$(PY) -m server.cli bench codec-gpu --export $@

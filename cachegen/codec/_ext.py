@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -70,7 +71,12 @@ def encode_symbols(symbols: np.ndarray, entry: LevelTables, num_threads: int = 1
 
 
 def decode(
-    words: np.ndarray, sizes: np.ndarray, entry: LevelTables, shape: tuple[int, ...], fused: tuple | None
+    words: np.ndarray,
+    sizes: np.ndarray,
+    entry: LevelTables,
+    shape: tuple[int, ...],
+    fused: tuple | None,
+    num_threads: int = 1,
 ) -> tuple[np.ndarray, int, int]:
     """Decode streams; ``fused=None`` gives int32 symbols of ``shape``, ``(scales, bins)`` or ``()`` gives 16-bit
     values (bf16-dequantized, or lossless bytes joined). Returns (array, status, first bad stream)."""
@@ -85,39 +91,78 @@ def decode(
         scales, bins = (np.ascontiguousarray(f, "<u2") for f in fused) if fused else (None, None)
     status, bad = _CPU.decode(
         args, table_map, freq, cum, entry.slots, np.ascontiguousarray(words, "<u4"),
-        np.ascontiguousarray(sizes, "<u4"), scales, bins, out, 0 if fused is None else 1, 1,
+        np.ascontiguousarray(sizes, "<u4"), scales, bins, out, 0 if fused is None else 1, num_threads,
     )  # fmt: skip
     return out, status, bad
+
+
+def device_tables(entry: LevelTables, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(table_map, cum, slots) of ``entry`` on ``device``, uploaded once and kept with the tables."""
+    key = str(device)
+    if key not in entry.device_copies:
+        arrays = (entry.table_map.astype("<u4").view(np.int32), entry.tables.cum.astype("<u4").view(np.int32),
+                  np.ascontiguousarray(entry.slots, np.uint8))  # fmt: skip
+        entry.device_copies[key] = tuple(torch.from_numpy(a).to(device) for a in arrays)
+    return entry.device_copies[key]
+
+
+@dataclass(frozen=True)
+class CudaBatch:
+    """One frame's streams on the GPU, ready to launch: what ``decode_cuda`` uploads per frame."""
+
+    shape: tuple[int, ...]
+    tables: tuple[torch.Tensor, ...]
+    alphabet: int
+    words: torch.Tensor
+    offsets: torch.Tensor
+    sizes: torch.Tensor
+    scales: torch.Tensor | None
+    bins: torch.Tensor | None
+
+
+def upload_cuda(
+    words: np.ndarray, sizes: np.ndarray, entry: LevelTables, shape: tuple[int, ...], fused: tuple, device
+) -> CudaBatch:
+    """Copy a frame's words, then its stream offsets, sizes and scales in one more transfer (tables are memoized)."""
+    offsets = np.concatenate([[0], np.cumsum(sizes.astype(np.int64))[:-1]]).astype("<i8")
+    parts = [offsets.view("<u4"), np.ascontiguousarray(sizes, "<u4"), np.ascontiguousarray(words, "<u4")]
+    if fused:  # u16 arrays of even length ((layers, 2, T) scales and (layers, 2) bins), carried as u32 pairs
+        parts += [np.ascontiguousarray(f, "<u2").reshape(-1).view("<u4") for f in fused]
+    small = torch.from_numpy(np.concatenate(parts[:2] + parts[3:]).view(np.int32)).to(device)
+    pieces = list(torch.split(small, [p.size for p in parts[:2] + parts[3:]]))
+    words_t = torch.from_numpy(parts[2].view(np.int32)).to(device)  # the bulk: one copy, no concatenation
+    scales_t = pieces[2].view(torch.int16) if fused else None
+    bins_t = pieces[3].view(torch.int16) if fused else None
+    return CudaBatch(shape, device_tables(entry, device), int(entry.tables.cum.shape[1]),
+                     words_t, pieces[0].view(torch.int64), pieces[1], scales_t, bins_t)  # fmt: skip
+
+
+def launch_cuda(batch: CudaBatch, out: torch.Tensor, status: torch.Tensor) -> None:
+    """Enqueue the decode kernel on the current stream: 16-bit values into ``out`` (contiguous (L, 2, H, T, D)),
+    one status code per stream into ``status``. Asynchronous: the caller synchronizes."""
+    assert _CUDA is not None
+    layers, _, heads, num_tokens, per_token = batch.shape
+    table_map, cum, slots = batch.tables
+
+    def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+        return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+    error = _CUDA.cachegen_decode_values_cuda(
+        ctypes.c_uint32(layers), ctypes.c_uint32(heads), ctypes.c_uint32(num_tokens), ctypes.c_uint32(per_token),
+        ptr(table_map), ptr(cum), ptr(slots), ctypes.c_uint32(batch.alphabet), ptr(batch.words), ptr(batch.offsets),
+        ptr(batch.sizes), ptr(batch.scales), ptr(batch.bins), ptr(out), ptr(status),
+        ctypes.c_void_p(torch.cuda.current_stream(out.device).cuda_stream),
+    )  # fmt: skip
+    if error:
+        raise RuntimeError(f"CUDA decode launch failed with cudaError {error}")
 
 
 def decode_cuda(
     words: np.ndarray, sizes: np.ndarray, entry: LevelTables, shape: tuple[int, ...], fused: tuple, out: torch.Tensor
 ) -> np.ndarray:
     """GPU twin of ``decode(..., fused)``: writes 16-bit values into the CUDA tensor ``out`` (contiguous, shape
-    (L, 2, H, T, D)); returns per-stream status codes. Tables are uploaded on every call (a per-model device cache
-    is the next step once a GPU run shows it matters)."""
-    assert _CUDA is not None
-    layers, _, heads, num_tokens, per_token = shape
-    device = out.device
-
-    def put(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
-
-    offsets = np.concatenate([[0], np.cumsum(sizes.astype(np.int64))[:-1]]).astype(np.int64)
-    as_i32 = [np.ascontiguousarray(a, np.uint32).view(np.int32) for a in (entry.table_map, entry.tables.freq,
-                                                                          entry.tables.cum, words)]  # fmt: skip
-    keep = [put(a) for a in as_i32] + [put(offsets), put(np.ascontiguousarray(sizes, np.uint32).view(np.int32))]
-    as_i16 = [np.ascontiguousarray(a, np.uint16).view(np.int16) for a in fused]
-    scales, bins = (put(as_i16[0]), put(as_i16[1])) if fused else (None, None)
-    status = torch.zeros(sizes.size, dtype=torch.int32, device=device)
-    pointer = [ctypes.c_void_p(t.data_ptr()) for t in keep]
-    error = _CUDA.cachegen_decode_values_cuda(
-        ctypes.c_uint32(layers), ctypes.c_uint32(heads), ctypes.c_uint32(num_tokens), ctypes.c_uint32(per_token),
-        pointer[0], pointer[1], pointer[2], ctypes.c_uint32(entry.tables.freq.shape[1]), pointer[3], pointer[4],
-        pointer[5], ctypes.c_void_p(scales.data_ptr() if scales is not None else 0),
-        ctypes.c_void_p(bins.data_ptr() if bins is not None else 0), ctypes.c_void_p(out.data_ptr()),
-        ctypes.c_void_p(status.data_ptr()), ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream),
-    )  # fmt: skip
-    if error:
-        raise RuntimeError(f"CUDA decode launch failed with cudaError {error}")
+    (L, 2, H, T, D)); returns per-stream status codes (synchronizes)."""
+    batch = upload_cuda(words, sizes, entry, shape, fused, out.device)
+    status = torch.zeros(sizes.size, dtype=torch.int32, device=out.device)
+    launch_cuda(batch, out, status)
     return status.cpu().numpy()

@@ -7,7 +7,7 @@ frequency >= 1. Loops run over symbol positions; each step handles all streams a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +26,9 @@ class Tables:
     """``num_tables`` categorical models over the same ``alphabet``: ``freq[t, k]`` >= 1, each row sums to 2^24."""
 
     freq: np.ndarray  # (num_tables, alphabet) uint32
+    cum: np.ndarray = field(init=False, repr=False, compare=False)
+    """Exclusive prefix sums: ``cum[t, k]`` is the start of symbol k's range in table t. Derived once here: every
+    encode and decode call reads it, and recomputing it cost ~10 ms per call for the 256-symbol levels."""
 
     def __post_init__(self) -> None:
         freq = self.freq
@@ -33,13 +36,9 @@ class Tables:
             raise ValueError(f"freq must be 2-D uint32, got {freq.dtype} {freq.shape}")
         if freq.size and (freq.min() < 1 or np.any(freq.sum(axis=1, dtype=np.uint64) != TOTAL)):
             raise ValueError("every frequency must be >= 1 and every row must sum to 2^24")
-
-    @property
-    def cum(self) -> np.ndarray:
-        """Exclusive prefix sums: ``cum[t, k]`` is the start of symbol k's range in table t."""
-        out = np.zeros_like(self.freq)
-        np.cumsum(self.freq[:, :-1], axis=1, out=out[:, 1:])
-        return out
+        cum = np.zeros_like(freq)
+        np.cumsum(freq[:, :-1], axis=1, out=cum[:, 1:])
+        object.__setattr__(self, "cum", cum)
 
 
 def encode_streams(symbols: np.ndarray, table_ids: np.ndarray, tables: Tables) -> tuple[np.ndarray, np.ndarray]:

@@ -35,6 +35,8 @@ class LevelTables:
     tables: Tables
     slots: np.ndarray = field(init=False, repr=False, default_factory=lambda: np.zeros(0, np.uint8))
     """Derived, not stored: (num_tables, 256) u8 symbol of each quantile >> 16 (the C++ decoder's fast lookup)."""
+    device_copies: dict = field(init=False, repr=False, compare=False, default_factory=dict)
+    """Memo of these tables uploaded to a GPU, keyed by device (``_ext.device_tables``): uploaded once per model."""
 
     def __post_init__(self) -> None:
         cum = self.tables.cum.astype(np.int64)

@@ -4,11 +4,13 @@
 
 extern "C" {
 
-// All pointers are device pointers. offsets[num_streams] are the streams' first word (host-computed prefix sums
-// of the sizes, already checked to add up). scales/bins null => lossless (bytes joined). status[num_streams]
+// All pointers are device pointers. cum: (num_tables, alphabet) exclusive prefix sums (freq is their differences,
+// the last up to 2^24); slots: (num_tables, 256) the symbol of quantile i << 16 per table (tables.py
+// LevelTables.slots). offsets[num_streams] are the streams' first word (host-computed prefix sums of the sizes,
+// already checked to add up). out must be 4-byte aligned. scales/bins null => lossless (bytes joined). status[num_streams]
 // receives 0 or a cachegen::Status per stream. Returns a cudaError_t as int (0 = launched).
 int cachegen_decode_values_cuda(uint32_t layers, uint32_t heads, uint32_t num_tokens, uint32_t per_token,
-                                const uint32_t* table_map, const uint32_t* freq, const uint32_t* cum,
+                                const uint32_t* table_map, const uint32_t* cum, const uint8_t* slots,
                                 uint32_t alphabet, const uint32_t* words, const uint64_t* offsets,
                                 const uint32_t* sizes, const uint16_t* scales, const uint16_t* bins,
                                 uint16_t* out, int32_t* status, void* cuda_stream);

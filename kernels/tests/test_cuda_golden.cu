@@ -27,6 +27,20 @@ T* upload(const std::vector<T>& host) {
   return dev;
 }
 
+// The symbol of quantile i << 16 in each table (what tables.py derives as LevelTables.slots).
+std::vector<uint8_t> slots_of(const cachegen::LevelData& lv) {
+  const size_t num_tables = lv.cum.size() / lv.alphabet;
+  std::vector<uint8_t> slots(num_tables * 256);
+  for (size_t t = 0; t < num_tables; ++t) {
+    uint32_t sym = 0;
+    for (uint32_t i = 0; i < 256; ++i) {
+      while (sym + 1 < lv.alphabet && lv.cum[t * lv.alphabet + sym + 1] <= (i << 16)) ++sym;
+      slots[t * 256 + i] = static_cast<uint8_t>(sym);
+    }
+  }
+  return slots;
+}
+
 // Decode one parsed coded frame on the GPU `repeats` times; returns the output and the best time in seconds.
 std::vector<uint16_t> gpu_decode(const std::vector<uint8_t>& data, const cachegen::FrameView& f,
                                  const cachegen::LevelData& lv, int repeats, double* seconds) {
@@ -46,9 +60,10 @@ std::vector<uint16_t> gpu_decode(const std::vector<uint8_t>& data, const cachege
   int32_t* status = nullptr;
   cudaMalloc(&out, values * 2);
   cudaMalloc(&status, sizes.size() * 4);
-  auto *map = upload(lv.table_map), *freq = upload(lv.freq), *cum = upload(lv.cum), *w = upload(words),
+  auto *map = upload(lv.table_map), *cum = upload(lv.cum), *w = upload(words),
        *z = upload(sizes);
   auto* off = upload(offsets);
+  auto* slots = upload(slots_of(lv));
   uint16_t* sc = is_quant ? upload(scales) : nullptr;
   uint16_t* bins = is_quant ? upload(lv.bins) : nullptr;
   cudaEvent_t start, stop;
@@ -57,7 +72,7 @@ std::vector<uint16_t> gpu_decode(const std::vector<uint8_t>& data, const cachege
   *seconds = 1e9;
   for (int r = 0; r < repeats; ++r) {
     cudaEventRecord(start);
-    cachegen_decode_values_cuda(f.layers, f.heads, f.num_tokens, lv.per_token, map, freq, cum, lv.alphabet, w, off,
+    cachegen_decode_values_cuda(f.layers, f.heads, f.num_tokens, lv.per_token, map, cum, slots, lv.alphabet, w, off,
                                 z, sc, bins, out, status, nullptr);
     cudaEventRecord(stop);
     cudaEventSynchronize(stop);

@@ -6,31 +6,51 @@ import pytest
 import torch
 
 from cachegen.codec import _ext, calibrate, decode, encode
+from cachegen.codec.bitstream import pack_frame, parse_frame
+from cachegen.errors import FormatError
 from cachegen.spec import KVLayout
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not _ext.has_cuda(), reason="needs a CUDA device (and `make gpu-check` to build the library)"),
 ]
-LAYOUT = KVLayout(num_layers=4, num_kv_heads=3, head_dim=64, dtype="bfloat16", tokens_per_chunk=256)
+# head_dim 64 takes the register path of the kernel (like SmolLM2), 128 its wide variant, 32 the generic path.
+LAYOUTS = {dim: KVLayout(num_layers=4, num_kv_heads=3, head_dim=dim, dtype="bfloat16") for dim in (64, 128, 32)}
 MODEL = b"gpu-test"
 
 
-def make_kv(num_tokens: int, seed: int) -> torch.Tensor:
+def make_kv(layout: KVLayout, num_tokens: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(LAYOUT.shape(num_tokens), generator=generator).bfloat16()
+    return torch.randn(layout.shape(num_tokens), generator=generator).bfloat16()
 
 
 @pytest.fixture(scope="module")
 def tables():
-    return calibrate([make_kv(256, 1)], LAYOUT, MODEL)
+    return {dim: calibrate([make_kv(layout, 256, 1)], layout, MODEL) for dim, layout in LAYOUTS.items()}
 
 
+@pytest.mark.parametrize("dim", [64, 128, 32])
 @pytest.mark.parametrize("level", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("num_tokens", [256, 45])
-def test_cuda_decode_matches_cpu_bytes(tables, level: int, num_tokens: int) -> None:
-    frame = encode(make_kv(num_tokens, 2), LAYOUT, MODEL, level, tables=tables)
-    cpu = decode(frame, LAYOUT, MODEL, tables=tables)
-    gpu = torch.empty(LAYOUT.shape(num_tokens), dtype=torch.bfloat16, device="cuda")
-    decode(frame, LAYOUT, MODEL, out=gpu, tables=tables)
+def test_cuda_decode_matches_cpu_bytes(tables, dim: int, level: int, num_tokens: int) -> None:
+    layout = LAYOUTS[dim]
+    frame = encode(make_kv(layout, num_tokens, 2), layout, MODEL, level, tables=tables[dim])
+    cpu = decode(frame, layout, MODEL, tables=tables[dim])
+    gpu = torch.empty(layout.shape(num_tokens), dtype=torch.bfloat16, device="cuda")
+    decode(frame, layout, MODEL, out=gpu, tables=tables[dim])
     assert torch.equal(gpu.cpu().view(torch.int16), cpu.view(torch.int16))
+
+
+@pytest.mark.parametrize("level", [1, 4])
+def test_cuda_decode_rejects_corrupt_words(tables, level: int) -> None:
+    """A flipped bit in the last stream's initial state, behind a valid CRC: the kernel's final-state check fires."""
+    layout = LAYOUTS[64]
+    frame = encode(make_kv(layout, 64, 3), layout, MODEL, level, tables=tables[64])
+    view = memoryview(frame).cast("B")
+    parsed = parse_frame(view)
+    sections = [(s.kind, bytearray(view[s.offset : s.offset + s.size])) for s in parsed.sections]
+    sections[-1][1][-1] ^= 0x40
+    frame = pack_frame(parsed.header, [(kind, bytes(payload)) for kind, payload in sections])
+    gpu = torch.empty(layout.shape(64), dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(FormatError):
+        decode(frame, layout, MODEL, out=gpu, tables=tables[64])

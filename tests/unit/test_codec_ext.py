@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,3 +57,31 @@ def test_extension_rejects_corrupt_streams(tables) -> None:
     frame[-40] ^= 0x10  # inside the words section
     with pytest.raises(FormatError):
         decode(reseal(frame), LAYOUT, MODEL, tables=tables, backend="auto")
+
+
+@pytest.mark.parametrize("level", [1, 4])
+def test_cuda_upload_staging_without_a_gpu(tables, level: int) -> None:
+    """The host half of the CUDA path (offsets, one transfer of the small arrays, split back) needs no GPU: staged
+    onto the CPU, every array must come back as the frame holds it."""
+    from cachegen.codec.bitstream import parse_frame
+    from cachegen.codec.decode import _payload
+
+    frame = encode(make_kv(45, 5), LAYOUT, MODEL, level, tables=tables)
+    view = memoryview(frame).cast("B")
+    parsed = parse_frame(view)
+    entry = tables.for_level(level)
+    sizes, words, scales = _payload(view, parsed, LAYOUT, SCHEME_BY_LEVEL[level].is_lossless)
+    fused = () if scales is None else (scales, entry.bins)
+    shape = (LAYOUT.num_layers, 2, LAYOUT.num_kv_heads, 45, entry.table_map.shape[-1])
+    batch = _ext.upload_cuda(words, sizes, entry, shape, fused, "cpu")
+    assert np.array_equal(batch.words.numpy().view(np.uint32), words)
+    assert np.array_equal(batch.sizes.numpy().view(np.uint32), sizes)
+    assert batch.offsets.tolist() == [0, *np.cumsum(sizes.astype(np.int64))[:-1].tolist()]
+    if fused:
+        assert np.array_equal(batch.scales.numpy().view(np.uint16), scales.reshape(-1))
+        assert np.array_equal(batch.bins.numpy().view(np.uint16), entry.bins.reshape(-1))
+    table_map, cum, slots = batch.tables
+    assert np.array_equal(table_map.numpy().view(np.uint32), entry.table_map)
+    assert np.array_equal(cum.numpy().view(np.uint32), entry.tables.cum)
+    assert np.array_equal(slots.numpy(), entry.slots)
+    assert _ext.device_tables(entry, "cpu") is batch.tables  # uploaded once per model and device

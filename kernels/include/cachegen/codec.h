@@ -43,6 +43,15 @@ CG_HD uint64_t initial_state(const uint32_t* words, uint32_t* remaining) {
   return (static_cast<uint64_t>(words[n - 1]) << 32) | words[n - 2];
 }
 
+// The state update of one decode step once the symbol of `quantile` (with its cum and freq) is known, refilling
+// from the stack of words. Every decoder (CPU lanes, CUDA with tables in shared memory) goes through this.
+CG_HD void advance(uint64_t* state, uint32_t quantile, uint32_t cum, uint32_t freq, const uint32_t* words,
+                   uint32_t* remaining) {
+  uint64_t x = static_cast<uint64_t>(freq) * (*state >> kPrecision) + quantile - cum;
+  if (x < (1ull << 32) && *remaining > 0) x = (x << 32) | words[--*remaining];
+  *state = x;
+}
+
 // One decode step: symbol for `row` of the tables, state advanced and refilled from the stack of words.
 CG_HD uint32_t decode_step(uint64_t* state, const uint32_t* words, uint32_t* remaining, const TableSet& t,
                            uint32_t table) {
@@ -58,10 +67,7 @@ CG_HD uint32_t decode_step(uint64_t* state, const uint32_t* words, uint32_t* rem
   } else {
     sym = find_symbol(cum, t.alphabet, quantile);
   }
-  const uint64_t f = t.freq[static_cast<uint64_t>(table) * t.alphabet + sym];
-  uint64_t x = f * (*state >> kPrecision) + quantile - cum[sym];
-  if (x < (1ull << 32) && *remaining > 0) x = (x << 32) | words[--*remaining];
-  *state = x;
+  advance(state, quantile, cum[sym], t.freq[static_cast<uint64_t>(table) * t.alphabet + sym], words, remaining);
   return sym;
 }
 
