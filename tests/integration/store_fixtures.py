@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.netshape import NetnsLink
+
 REPO = Path(__file__).resolve().parents[2]
 TOKENS = {"alice": "alice-token-0001", "bob": "bob-token-00002"}
 
@@ -69,14 +71,15 @@ class StoreServer:
         return f"grpc://{self.address}?token={TOKENS[tenant]}"
 
 
-def start_store(work: Path, backend: str, *extra: str) -> StoreServer:
-    """Start the service on a free port with ``backend`` and wait until it serves."""
+def start_store(work: Path, backend: str, *extra: str, netns: NetnsLink | None = None) -> StoreServer:
+    """Start the service on a free port with ``backend`` and wait until it serves (inside ``netns`` if given)."""
     work.mkdir(parents=True, exist_ok=True)
     ready = work / f"ready-{time.monotonic_ns()}"
     log_path = work / f"{ready.name}.log"
     tokens = write_tokens(work / "tokens")
     args = ["store", "serve", "--listen", "127.0.0.1:0", "--backend", backend, "--tokens-file", str(tokens)]
     cmd = [sys.executable, "-m", "server.cli", *args, "--ready-file", str(ready), *extra]
+    cmd = netns.exec_argv(cmd) if netns else cmd
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60

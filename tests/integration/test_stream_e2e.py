@@ -15,8 +15,13 @@ holds lossless (~0.8 s at 40 Mbit/s) but holds q32 (~0.26 s). Replaying the plan
 level changes for store reads up to ~0.5 s each (one read up to ~0.5 s slower than the rest), so it does not
 depend on the machine's speed; near the end the budget may admit lossless again, which is allowed.
 
-Correct output: B's answer must equal the answer from exactly the KV B injected: afterwards the store is pruned to
-the level B took for each chunk (and to nothing past a planned recompute), and A loads that.
+Correct output: B's answer must equal the answer from exactly the KV B injected: for one question the store is
+pruned to the level B took for each chunk (and to nothing past a planned recompute), A loads that, and the store is
+restored.
+
+The same drop on a real link (root with iproute2; skipped with the reason elsewhere): engine C and a second store
+process over the same disk run inside a network namespace whose ``lo`` is a `tc` tbf (`bench.netshape`); the test
+replays the trace on it in real time from C's first store bytes. C has no in-process shaping.
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.netshape import NetnsLink, TraceFollower, shaped_netns, tc_unavailable_reason
 from cachegen.codec import default_tables_path
 from cachegen.config import Settings
 from cachegen.model import kv_layout, model_fingerprint
 from cachegen.spec import ChunkKey, chunk_keys
 from cachegen.store import open_store
+from cachegen.stream.bandwidth import parse_trace
 from tests.integration.engines import EngineServer, start_engine, wait_ready
 from tests.integration.store_fixtures import REPO, StoreServer, start_store
 
@@ -74,10 +81,15 @@ def codec_tables(model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> StoreServer:
+def store_backend(tmp_path_factory) -> str:
+    """The disk the stores serve: B's and, inside the shaped namespace, C's."""
+    return f"disk://{tmp_path_factory.mktemp('stream-kv')}?fsync=0"
+
+
+@pytest.fixture(scope="module")
+def store(store_backend: str, tmp_path_factory) -> StoreServer:
     """A real `cachegen store serve` process (gRPC, bearer tokens) over a disk backend."""
-    work = tmp_path_factory.mktemp("stream-store")
-    server = start_store(work / "run", f"disk://{work / 'kv'}?fsync=0")
+    server = start_store(tmp_path_factory.mktemp("stream-store") / "run", store_backend)
     try:
         yield server
     finally:
@@ -102,6 +114,30 @@ def engines(store: StoreServer, codec_tables: Path, model_dir: Path, tmp_path_fa
     finally:
         for engine in pair:
             engine.stop()
+
+
+@pytest.fixture(scope="module")
+def tc_link() -> NetnsLink:
+    """A network namespace whose ``lo`` is a tc tbf; skips (with the reason) where tc shaping cannot run."""
+    reason = tc_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"tc link shaping unavailable: {reason}")
+    with shaped_netns(10e9) as link:
+        yield link
+
+
+@pytest.fixture(scope="module")
+def tc_engine(tc_link: NetnsLink, store_backend: str, codec_tables: Path, model_dir: Path, tmp_path_factory):
+    """Engine C and a store process over B's disk, both inside the shaped namespace: C's reads cross its lo."""
+    work = tmp_path_factory.mktemp("stream-tc")
+    store_c = start_store(work / "run", store_backend, netns=tc_link)
+    settings = Settings.from_env(store={"url": store_c.url(), "timeout_s": 2.0}, stream={"prior_bandwidth_bps": 10e9})
+    engine = start_engine(settings, model_dir, work / "engine_c.log", netns=tc_link)
+    try:
+        yield wait_ready(engine)
+    finally:
+        engine.stop()  # before the namespace goes: it lives on while a process is inside
+        store_c.stop()
 
 
 @dataclass(frozen=True)
@@ -167,6 +203,46 @@ def _load_line(engine: EngineServer, since: int) -> dict:
             "bytes": int(found["bytes"]), "ms": float(found["ms"]), "stop": found["stop"] or ""}  # fmt: skip
 
 
+def _check_plan_changed(load: dict, stored: StoredPrompt) -> list[int]:
+    """The load planned chunk 0 lossless on the fast prior and switched to q32 after the drop; returns its levels."""
+    levels, num_chunks = load["levels"], _num_chunks(stored.ids)
+    assert levels[0] == LOSSLESS, load  # planned on the fast prior (chunk 1 too, on chunk 0's fast sample)
+    assert Q32 in levels[1:], load  # after the drop lossless no longer fits the budget: the plan changed level
+    if load["failed"]:  # a planned recompute tail is allowed (a very slow store read); nothing may fail otherwise
+        assert load["stop"] == f"'planned recompute from chunk {load['chunks']}'", load
+    assert load["chunks"] + load["failed"] == num_chunks and len(levels) == load["chunks"], load
+    assert load["bytes"] == sum(stored.sizes[i][level] for i, level in enumerate(levels)), load
+    return levels
+
+
+def _answer_from_levels(engine_a: EngineServer, store: StoreServer, stored: StoredPrompt, levels: list[int],
+                        model_dir: Path) -> str:  # fmt: skip
+    """A's answer from exactly the KV another engine injected: the store is pruned to the level taken for each
+    chunk (nothing after a planned recompute), A loads that (its unshaped planner takes the one level held) and
+    prefills the rest; then every level is put back for the next test."""
+    layout = kv_layout(model_dir, "bfloat16", CHUNK)
+    keys = chunk_keys(stored.ids, layout, model_fingerprint(model_dir, layout), tenant="")[: len(stored.sizes)]
+
+    def at(index: int, level: int) -> ChunkKey:
+        key = keys[index]
+        return ChunkKey(key.model_id, key.layout_digest, key.prefix_hash, index, level)
+
+    client = open_store(store.url())
+    held = {(index, level): client.get(at(index, level)) for index, sizes in enumerate(stored.sizes) for level in sizes}
+    try:
+        for index, key in enumerate(keys):
+            client.delete(key)  # every level of the chunk
+            for level in levels[index : index + 1]:
+                client.put(at(index, level), held[index, level])
+        response, since = _ask(engine_a, stored.ids, levels=[LOSSLESS, Q32], save=False)
+        assert _load_line(engine_a, since)["levels"] == levels
+        return _text(response)
+    finally:
+        for (index, level), frame in held.items():
+            client.put(at(index, level), frame)
+        client.close()
+
+
 def test_plan_changes_level_when_the_link_drops_and_the_answer_stays_right(engines, store, stored_prompt, model_dir):
     engine_a, engine_b = engines
     prompt = stored_prompt.ids
@@ -178,38 +254,30 @@ def test_plan_changes_level_when_the_link_drops_and_the_answer_stays_right(engin
     # B's first store read starts its trace: chunk 0 crosses at 2 Gbit/s, the rest at 40 Mbit/s.
     response, since = _ask(engine_b, prompt, levels=[LOSSLESS, Q32], slo_ms=SLO_MS, save=False)
     answer, load = _text(response), _load_line(engine_b, since)
-    levels = load["levels"]
-    assert levels[0] == LOSSLESS, load  # planned on the fast prior (chunk 1 too, on chunk 0's fast sample)
-    assert Q32 in levels[1:], load  # after the drop lossless no longer fits the budget: the plan changed level
-    if load["failed"]:  # a planned recompute tail is allowed (a very slow store read); nothing may fail otherwise
-        assert load["stop"] == f"'planned recompute from chunk {load['chunks']}'", load
-    assert load["chunks"] + load["failed"] == num_chunks and len(levels) == load["chunks"], load
-    assert load["bytes"] == sum(stored_prompt.sizes[i][level] for i, level in enumerate(levels)), load
+    levels = _check_plan_changed(load, stored_prompt)
     # Everything after chunk 0 really crossed the slow link.
     slow_bytes = load["bytes"] - stored_prompt.sizes[0][LOSSLESS]
     assert load["ms"] >= 0.95 * 1e3 * 8 * slow_bytes / SLOW_BPS, load
     assert _cached_tokens(response) == num_chunks * CHUNK
-
-    # The reference from the same KV: keep in the store only the level B took for each chunk, nothing after a
-    # planned recompute; A then loads exactly that (its unshaped planner takes the one level held) and prefills
-    # the rest, as B did.
-    layout = kv_layout(model_dir, "bfloat16", CHUNK)
-    keys = chunk_keys(prompt, layout, model_fingerprint(model_dir, layout), tenant="")[:num_chunks]
-    client = open_store(store.url())
-    for index, key in enumerate(keys):
-        taken = [
-            ChunkKey(key.model_id, key.layout_digest, key.prefix_hash, index, level)
-            for level in levels[index : index + 1]
-        ]
-        data = [client.get(taken_key) for taken_key in taken]
-        client.delete(key)  # every level of the chunk
-        for taken_key, frame in zip(taken, data, strict=True):
-            client.put(taken_key, frame)
-    client.close()
-    response, since = _ask(engine_a, prompt, levels=[LOSSLESS, Q32], save=False)
-    assert _load_line(engine_a, since)["levels"] == levels
-    assert answer == _text(response), f"exact-KV answer: {exact!r}"
+    assert answer == _answer_from_levels(engine_a, store, stored_prompt, levels, model_dir), f"exact KV: {exact!r}"
     print(f"B levels={levels} ms={load['ms']:.0f}; answer {answer!r}; exact-KV answer {exact!r}")
+
+
+def test_plan_changes_level_on_a_tc_shaped_link(tc_link, tc_engine, engines, store, stored_prompt, model_dir):
+    engine_a, _ = engines
+    # The real link replays the trace from C's first store bytes: 2 Gbit/s, then 40 Mbit/s.
+    with TraceFollower(tc_link, parse_trace(TRACE)) as follower:
+        response, since = _ask(tc_engine, stored_prompt.ids, levels=[LOSSLESS, Q32], slo_ms=SLO_MS, save=False)
+    assert [rate.rate_bps for rate in follower.applied] == [2e9, SLOW_BPS], follower.applied
+    answer, load = _text(response), _load_line(tc_engine, since)
+    levels = _check_plan_changed(load, stored_prompt)
+    # The drop lands within chunk 0 or 1 (the follower polls and tc takes ~2 ms); every later byte crossed the tbf
+    # at 40 Mbit/s (its bucket lets 128 KiB through at once: hence 0.9).
+    slow_bytes = load["bytes"] - sum(stored_prompt.sizes[i][level] for i, level in enumerate(levels[:2]))
+    assert load["ms"] >= 0.9 * 1e3 * 8 * slow_bytes / SLOW_BPS, load
+    assert _cached_tokens(response) == _num_chunks(stored_prompt.ids) * CHUNK
+    assert answer == _answer_from_levels(engine_a, store, stored_prompt, levels, model_dir)
+    print(f"C levels={levels} ms={load['ms']:.0f} rates={follower.applied}; answer {answer!r}")
 
 
 def test_killed_store_costs_a_recompute_not_the_answer(engines, store: StoreServer, stored_prompt):
