@@ -41,22 +41,6 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def _cache_of(kv):
-    from transformers.cache_utils import DynamicCache
-
-    cache = DynamicCache()
-    for layer in range(kv.shape[0]):
-        cache.update(kv[layer, 0][None].contiguous(), kv[layer, 1][None].contiguous(), layer)
-    return cache
-
-
-def _logits(model, kv, ids):
-    import torch
-
-    with torch.no_grad():
-        return model(ids[None], past_key_values=_cache_of(kv), use_cache=True).logits[0].float()
-
-
 def _fidelity(exact, decoded, targets) -> dict[str, float]:
     """Teacher-forced agreement of next-token distributions; ``targets[i]`` is the token logits[i] predicts."""
     import torch
@@ -96,10 +80,10 @@ def _coder_stats(kv, layout, level, tables) -> dict[str, float]:
     import constriction
     import numpy as np
 
-    from cachegen.codec import SCHEME_BY_LEVEL, decode_streams_cpu, encode_symbols_cpu, symbols_of
+    from cachegen.codec import decode_streams_cpu, encode_symbols_cpu, symbols_of
 
     entry = tables.for_level(level)
-    symbols, _ = symbols_of(_chunks(kv, layout)[0][1], SCHEME_BY_LEVEL[level], layout)
+    symbols, _ = symbols_of(_chunks(kv, layout)[0][1], entry.quant_bins)
     ids = np.broadcast_to(entry.table_map[:, :, :, None, :], symbols.shape)
     ideal_bits = -np.log2(entry.tables.freq[ids, symbols] / 2.0**24).sum()
     began = time.perf_counter()
@@ -143,6 +127,8 @@ def _niah(ctx, level: int | None, args: argparse.Namespace, haystack: str) -> fl
     """Share of trials where greedy generation after the (coded) haystack KV returns the 7-digit needle."""
     import torch
 
+    from cachegen.codec.sensitivity import cache_of
+
     model, tokenizer, layout, model_id, tables, _ = ctx
     hits = 0
     for trial in range(args.niah_trials):
@@ -157,7 +143,7 @@ def _niah(ctx, level: int | None, args: argparse.Namespace, haystack: str) -> fl
         kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]).contiguous()
         if level is not None:
             kv = _code(kv, layout, model_id, level, tables)[0]
-        out = model.generate(ids[None], past_key_values=_cache_of(kv), max_new_tokens=10, do_sample=False)
+        out = model.generate(ids[None], past_key_values=cache_of(kv), max_new_tokens=10, do_sample=False)
         hits += needle in tokenizer.decode(out[0, ids.numel() :])
     return hits / args.niah_trials
 
@@ -167,7 +153,7 @@ def _setup(args: argparse.Namespace):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cachegen.codec import calibrate
-    from cachegen.codec.calibrate_cli import calibration_texts, collect_kv  # the calibrate command's own helpers
+    from cachegen.codec.calibrate_cli import calibration_texts, collect_kv, measure_sensitivity  # calibrate's own
     from cachegen.config import Settings
     from cachegen.model import ensure_model, kv_layout, model_fingerprint
 
@@ -180,7 +166,9 @@ def _setup(args: argparse.Namespace):
     texts = calibration_texts(4)
     # Calibrate on the tail of each text, evaluate on the head: tables never see the evaluated tokens.
     samples = [collect_kv(model, tokenizer, text[len(text) // 2 :], 1024)[0] for text in texts[:2]]
-    tables = calibrate(samples, layout, model_id)
+    tables = calibrate(
+        samples, layout, model_id, measure_sensitivity(model, tokenizer, texts[1][len(texts[1]) // 2 :], 1024)
+    )
     docs = []
     for text in [texts[0], texts[3], texts[1]][: args.documents]:
         kv, ids = collect_kv(model, tokenizer, text, args.tokens + args.continuation)
@@ -191,13 +179,15 @@ def _setup(args: argparse.Namespace):
 def _level_row(level, ctx, args) -> dict:
     import numpy as np
 
+    from cachegen.codec.sensitivity import next_token_logits
+
     model, _, layout, model_id, tables, docs = ctx
     metrics, size_bytes, values, encode_s, decode_s = [], 0, 0, 0.0, 0.0
     for kv, ids in docs:
         cont = ids[args.tokens :]
-        exact = _logits(model, kv, cont)
+        exact = next_token_logits(model, kv, cont)
         decoded, size, enc, dec = _code(kv, layout, model_id, level.id, tables)
-        metrics.append(_fidelity(exact[:-1], _logits(model, decoded, cont)[:-1], cont[1:]))
+        metrics.append(_fidelity(exact[:-1], next_token_logits(model, decoded, cont)[:-1], cont[1:]))
         size_bytes, values, encode_s, decode_s = size_bytes + size, values + kv.numel(), encode_s + enc, decode_s + dec
     row = {"level": level.name, "id": level.id, "bits_per_value": size_bytes * 8 / values}
     row.update({key: float(np.mean([m[key] for m in metrics])) for key in metrics[0]})

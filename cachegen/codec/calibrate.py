@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from cachegen.codec import quant
-from cachegen.codec.levels import SCHEME_BY_LEVEL, Scheme
+from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.codec.rans import Tables
 from cachegen.codec.tables import CodecTables, LevelTables, freq_from_counts
 from cachegen.codec.tensors import check_kv, kv_bits, kv_values
@@ -28,18 +28,21 @@ def lossless_map(layout: KVLayout) -> np.ndarray:
     return table_map.reshape(layout.num_layers, 2, layout.num_kv_heads, 2 * dim)
 
 
-def symbols_of(kv: torch.Tensor, scheme: Scheme, layout: KVLayout) -> tuple[np.ndarray, np.ndarray | None]:
-    """Symbols (L, 2, H, T, P) of one KV tensor at one level, and the bf16 token scales (None if lossless)."""
-    if scheme.is_lossless:
+def symbols_of(kv: torch.Tensor, bins: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Symbols (L, 2, H, T, P) of one KV tensor under (layers, 2) ``bins`` (None: lossless), and the bf16 token
+    scales (None if lossless). The bins of a level are its tables' (``LevelTables.bins``)."""
+    if bins is None:
         return quant.split_bytes(kv_bits(kv)), None
     values = kv_values(kv)
     scales = quant.token_scales(values)
-    return quant.quantize(values, scales, scheme.bins(layout.num_layers)), scales
+    return quant.quantize(values, scales, bins), scales
 
 
-def _level_tables(samples: Sequence[torch.Tensor], level: int, layout: KVLayout) -> LevelTables:
+def _level_tables(
+    samples: Sequence[torch.Tensor], level: int, layout: KVLayout, sensitivity: np.ndarray | None
+) -> LevelTables:
     scheme = SCHEME_BY_LEVEL[level]
-    bins = scheme.bins(layout.num_layers)
+    bins = scheme.bins(layout.num_layers, sensitivity)
     if scheme.is_lossless:
         table_map, alphabet, allowed = lossless_map(layout), 256, None
     else:
@@ -50,7 +53,7 @@ def _level_tables(samples: Sequence[torch.Tensor], level: int, layout: KVLayout)
     num_tables = int(table_map.max()) + 1
     counts = np.zeros(num_tables * alphabet, np.float64)
     for kv in samples:
-        symbols, _ = symbols_of(kv, scheme, layout)
+        symbols, _ = symbols_of(kv, None if scheme.is_lossless else bins)
         ids = np.broadcast_to(table_map[:, :, :, None, :], symbols.shape)
         counts += np.bincount((ids.astype(np.int64) * alphabet + symbols).ravel(), minlength=counts.size)
     counts = counts.reshape(num_tables, alphabet)
@@ -61,13 +64,18 @@ def _level_tables(samples: Sequence[torch.Tensor], level: int, layout: KVLayout)
     return LevelTables(level, bins, table_map, Tables(freq_from_counts(counts)))
 
 
-def calibrate(samples: Sequence[torch.Tensor], layout: KVLayout, model_id: bytes) -> CodecTables:
-    """Tables for every coded level from KV samples of shape ``layout.shape(tokens)`` (any token counts)."""
+def calibrate(
+    samples: Sequence[torch.Tensor], layout: KVLayout, model_id: bytes, sensitivity: np.ndarray | None = None
+) -> CodecTables:
+    """Tables for every coded level from KV samples of shape ``layout.shape(tokens)`` (any token counts).
+
+    ``sensitivity`` (layers, 2): how much each (layer, K|V) group's quantization error costs the model
+    (``cachegen.codec.sensitivity``); levels with ``mean_bins`` then share their bins out by it."""
     if not samples:
         raise ValueError("calibration needs at least one KV sample")
     for kv in samples:
         check_kv(kv, layout, "sample")
     # 16-bit dtypes only for the lossless level: its symbols are the two bytes of each value.
     wanted = [lv for lv in sorted(SCHEME_BY_LEVEL) if not SCHEME_BY_LEVEL[lv].is_lossless or layout.dtype != "float32"]
-    levels = tuple(_level_tables(samples, level, layout) for level in wanted)
+    levels = tuple(_level_tables(samples, level, layout, sensitivity) for level in wanted)
     return CodecTables(layout, bytes(model_id), levels)

@@ -20,6 +20,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="local HF model dir (default: the bundled SmolLM2-135M)")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens of KV per document")
     parser.add_argument("--documents", type=int, default=3, help="documents to calibrate on (essays, then pydoc)")
+    parser.add_argument(
+        "--sensitivity-tokens",
+        type=int,
+        default=1024,
+        help="context tokens for measuring each layer's sensitivity (0: the fixed bin schedules)",
+    )
     parser.add_argument("--out", default="", help="tables file (default: <home>/tables/<model id>.cgct)")
 
 
@@ -46,6 +52,17 @@ def collect_kv(model, tokenizer, text: str, num_tokens: int):
     return torch.stack(layers).contiguous(), ids[0]
 
 
+def measure_sensitivity(model, tokenizer, text: str, context_tokens: int, continuation: int = 128):
+    """(layers, 2) sensitivity of each (layer, K|V) group on ``text`` (cachegen.codec.sensitivity); None for 0."""
+    if context_tokens <= 0:
+        return None
+    from cachegen.codec.sensitivity import group_sensitivity
+
+    kv, ids = collect_kv(model, tokenizer, text, context_tokens + continuation)
+    log.info("measuring sensitivity groups=%d context=%d", kv.shape[0] * 2, context_tokens)
+    return group_sensitivity(model, kv[:, :, :, :context_tokens].contiguous(), ids[context_tokens:])
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
     model_id = model_fingerprint(model_dir, layout)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    samples = [collect_kv(model, tokenizer, text, args.tokens)[0] for text in calibration_texts(args.documents)]
-    tables = calibrate(samples, layout, model_id)
+    texts = calibration_texts(args.documents)
+    samples = [collect_kv(model, tokenizer, text, args.tokens)[0] for text in texts]
+    sensitivity = measure_sensitivity(model, tokenizer, texts[0], args.sensitivity_tokens)
+    tables = calibrate(samples, layout, model_id, sensitivity)
     out = Path(args.out) if args.out else default_tables_path(settings.home, model_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     tables.save(out)

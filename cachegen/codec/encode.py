@@ -72,7 +72,7 @@ def _coded_sections(
     scheme = SCHEME_BY_LEVEL[entry.level]
     if not scheme.is_lossless and not bool(torch.isfinite(kv).all()):
         raise InvalidRequest("lossy levels need finite KV values (found inf or NaN)")
-    symbols, scales = symbols_of(kv, scheme, layout)
+    symbols, scales = symbols_of(kv, entry.quant_bins)
     sizes, words = _ext.encode_symbols(symbols, entry) if use_ext else coded.encode_symbols(symbols, entry)
     sections: Sections = [(coded.SECTION_TABLES_ID, tables_id)]
     if scales is not None:

@@ -24,18 +24,28 @@ from cachegen.spec import LEVEL_BY_NAME
 
 @dataclass(slots=True, frozen=True)
 class Scheme:
-    """``key_bins`` per key layer group, ``value_bins`` for layers [0, 2) then the rest; empty = lossless."""
+    """``key_bins`` per key layer group, ``value_bins`` for layers [0, 2) then the rest; empty = lossless.
+
+    ``mean_bins`` > 0: with a measured sensitivity per (layer, K|V) (``cachegen calibrate`` measures it), bins
+    follow it instead: ``mean_bins * sqrt(s / mean)`` where the mean is of sqrt(s), so that each group's share
+    of the error is what high-rate theory calls optimal (error ~ s * step^2, bits ~ -log2 step). The static
+    schedule remains for tables calibrated without a model (tests, golden frames).
+    """
 
     name: str
     key_bins: tuple[int, int, int] = (0, 0, 0)
     value_bins: tuple[int, int] = (0, 0)
+    mean_bins: int = 0
 
     @property
     def is_lossless(self) -> bool:
         return self.key_bins == (0, 0, 0)
 
-    def bins(self, num_layers: int) -> np.ndarray:
+    def bins(self, num_layers: int, sensitivity: np.ndarray | None = None) -> np.ndarray:
         """(layers, 2) uint16 bins; every entry even and in [4, 256] for quantized levels, 0 for lossless."""
+        if self.mean_bins and sensitivity is not None and not self.is_lossless:
+            root = np.sqrt(np.maximum(np.asarray(sensitivity, np.float64), 1e-12))
+            return np.clip(2 * np.rint(self.mean_bins / 2 * root / root.mean()), 4, 256).astype(np.uint16)
         first, second = round(num_layers * 10 / 32), round(num_layers * 20 / 32)
         out = np.zeros((num_layers, 2), np.uint16)
         for layer in range(num_layers):
@@ -49,7 +59,7 @@ SCHEMES: tuple[Scheme, ...] = (
     Scheme("lossless"),
     Scheme("q8", (256, 256, 256), (256, 256)),
     Scheme("q32", (32, 32, 32), (32, 32)),
-    Scheme("default", (24, 24, 24), (12, 12)),
-    Scheme("small", (24, 24, 24), (8, 8)),
+    Scheme("default", (24, 24, 24), (12, 12), mean_bins=16),
+    Scheme("small", (24, 24, 24), (8, 8), mean_bins=12),
 )
 SCHEME_BY_LEVEL: dict[int, Scheme] = {LEVEL_BY_NAME[s.name].id: s for s in SCHEMES}

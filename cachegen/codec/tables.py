@@ -38,6 +38,11 @@ class LevelTables:
     device_copies: dict = field(init=False, repr=False, compare=False, default_factory=dict)
     """Memo of these tables uploaded to a GPU, keyed by device (``_ext.device_tables``): uploaded once per model."""
 
+    @property
+    def quant_bins(self) -> np.ndarray | None:
+        """``bins`` of a quantized level (what ``symbols_of`` takes); None for the lossless level (all 0)."""
+        return self.bins if self.bins.any() else None
+
     def __post_init__(self) -> None:
         cum = self.tables.cum.astype(np.int64)
         num_tables, alphabet = cum.shape
@@ -129,6 +134,9 @@ def _read_level(reader: _Reader, layout: KVLayout) -> LevelTables:
     shape = (layout.num_layers, 2, layout.num_kv_heads, per_token)
     table_map = reader.array(int(np.prod(shape)), "<u4", "table_map").reshape(shape)
     freq = reader.array(num_tables * alphabet, "<u4", "freq").reshape(num_tables, alphabet)
+    quantized = bins.any()
+    if quantized and not bool(np.all((bins >= 4) & (bins <= 256) & (bins % 2 == 0))):
+        raise FormatError("bins", reader.at, bins.tolist(), "quantized levels need even bins in [4, 256]")
     if table_map.size and int(table_map.max()) >= num_tables:
         raise FormatError("table_map", reader.at, int(table_map.max()), f"only {num_tables} tables")
     try:

@@ -11,7 +11,6 @@ import pytest
 from cachegen.codec import calibrate
 from cachegen.codec.calibrate import symbols_of
 from cachegen.codec.coded import encode_symbols
-from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.model import kv_layout
 
 
@@ -47,7 +46,7 @@ def real_kv(model_dir):
 def test_real_kv_streams_match_constriction(real_kv, level: int) -> None:
     kv_tensor, layout, tables = real_kv
     entry = tables.for_level(level)
-    symbols, _ = symbols_of(kv_tensor, SCHEME_BY_LEVEL[level], layout)
+    symbols, _ = symbols_of(kv_tensor, entry.quant_bins)
     sizes, words = encode_symbols(symbols, entry)
     ends = np.cumsum(sizes.astype(np.int64))
     per_token = symbols.shape[-1]

@@ -109,3 +109,37 @@ def test_oversized_stream_count_is_rejected(tables) -> None:
     with pytest.raises(FormatError) as info:
         decode(reseal(frame), LAYOUT, MODEL, tables=tables)
     assert info.value.field == "stream_sizes"
+
+
+def test_sensitivity_shares_bins_out() -> None:
+    """Measured sensitivity moves bins to the groups that cost most, as even counts in [4, 256]."""
+    scheme = SCHEME_BY_LEVEL[LEVEL_BY_NAME["default"].id]
+    sensitivity = np.array([[0.04, 0.002], [0.01, 0.0]])
+    bins = scheme.bins(2, sensitivity)
+    assert bins.dtype == np.uint16 and np.all(bins % 2 == 0) and bins.min() >= 4 and bins.max() <= 256
+    assert bins[0, 0] > bins[1, 0] > bins[0, 1] >= bins[1, 1]
+    assert np.array_equal(scheme.bins(2), SCHEME_BY_LEVEL[LEVEL_BY_NAME["default"].id].bins(2, None))
+
+
+def test_calibrated_bins_drive_encode_and_decode() -> None:
+    """Bins come from the tables (not the scheme): sensitivity-calibrated tables round-trip within their bound."""
+    sensitivity = np.array([[0.05, 0.001], [0.002, 0.03]])
+    tables = calibrate([make_kv(32, 1)], LAYOUT, MODEL, sensitivity)
+    level = LEVEL_BY_NAME["small"].id
+    bins = tables.for_level(level).bins
+    assert not np.array_equal(bins, SCHEME_BY_LEVEL[level].bins(LAYOUT.num_layers))
+    kv = make_kv(40, 6)
+    back = decode(encode(kv, LAYOUT, MODEL, level, tables=tables), LAYOUT, MODEL, tables=tables).float().numpy()
+    values = kv.float().numpy()
+    bound = quant.error_bound(quant.token_scales(values), bins)[:, :, None, :, None]
+    assert np.all(np.abs(back - values) <= bound + np.abs(back) * 2.0**-8 + 1e-6)
+
+
+def test_tables_with_odd_bins_are_rejected(tables) -> None:
+    entry = tables.for_level(LEVEL_BY_NAME["q32"].id)
+    entry.bins[0, 0] = 31  # a hostile or corrupt tables file: re-serialized with a valid CRC
+    try:
+        with pytest.raises(FormatError, match="bins"):
+            load_tables(tables.to_bytes())
+    finally:
+        entry.bins[0, 0] = 32
