@@ -1,16 +1,22 @@
 """What each coded level does (FORMAT.md §5): bins per (layer, K|V) for the quantized levels, or lossless.
 
 A schedule has three key groups split at round(L*10/32) and round(L*20/32) (CacheGen's layer groups stretched to
-the model's depth) and two value groups, layers [0, 2) and the rest. "default" and "small" were chosen by
-measurement on real SmolLM2 KV (2K-token essays and pydoc, teacher-forced over 256 tokens, tables calibrated on
-other text): keys need more bins than values, and uniform key bins beat CacheGen's decreasing groups.
+the model's depth) and two value groups, layers [0, 2) and the rest. "default" and "small" share bins out by
+each (layer, K|V) group's measured sensitivity when calibrated with the model (``mean_bins``;
+cachegen/codec/sensitivity.py); the fixed schedules below are their fallback. Measured on real SmolLM2 KV (2K-token essay and pydoc, teacher-forced over
+256 tokens, tables and sensitivity calibrated on other text):
 
-    schedule (K / V bins)        bits/value  top-1   KL      (CacheGen's released schedules for comparison)
-    32,16,16 / 32,16 (CacheGen)  2.50        0.897   0.042
-    24 / 12          ("default") 2.36        0.906   0.028
-    24 / 8           ("small")   2.02        0.891   0.046
-    32 / 32          ("q32")     3.34        0.947   0.010
-    256 / 256        ("q8")      6.46        0.984   0.002
+    schedule (K / V bins)               bits/value  top-1   KL
+    32,16,16 / 32,16 (CacheGen)         2.50        0.897   0.042
+    24 / 12          (fixed "default")  2.36        0.906   0.028
+    24 / 8           (fixed "small")    2.02        0.891   0.046
+    sensitivity, mean 16 ("default")    2.22        0.931   0.040
+    sensitivity, mean 12 ("small")      1.77        0.869   0.070
+    32 / 32          ("q32")            3.34        0.947   0.010
+    256 / 256        ("q8")             6.46        0.984   0.002
+
+Tried and lost: per-channel key normalization before the token max (3.1 bits/value, top-1 0.88: the outlier
+channels are the ones attention needs precise) and fixed per-channel steps without token scales (0.82 at 3.0).
 """
 
 from __future__ import annotations
