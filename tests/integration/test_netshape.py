@@ -41,12 +41,26 @@ def _namespaces() -> str:
     return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
 
 
-def test_the_link_carries_its_rate_and_changes_it():
+def _qdisc_rate_bps(link: NetnsLink) -> int:
+    """The rate the kernel reports for the namespace's root qdisc on lo (e.g. "rate 100Mbit")."""
+    argv = ["tc", "-n", link.name, "qdisc", "show", "dev", "lo", "root"]
+    words = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
+    text = words[words.index("rate") + 1].lower().removesuffix("bit")
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:], 1)
+    return round(float(text.rstrip("kmg")) * scale)
+
+
+# Only lower bounds on time: a token bucket cannot pass bytes faster than its rate (plus one bucket), whatever
+# the load, while a loaded machine can always make a transfer slower. How close to the rate the link gets is a
+# benchmark figure (`cachegen bench stream --shaping tc`), not a test.
+def test_the_link_limits_to_its_rate_and_changes_it():
     with shaped_netns(100e6) as link:
         assert link.name in _namespaces()
-        assert 0.2 * 0.9 < _transfer_s(link, 2_500_000) < 0.2 * 1.25  # 20 Mbit at 100 Mbit/s
+        assert _qdisc_rate_bps(link) == 100_000_000
+        assert _transfer_s(link, 2_500_000) > 0.2 * 0.9  # 20 Mbit at 100 Mbit/s: at least ~0.2 s
         assert link.set_rate(1e9) != link.set_rate(1e9)  # a new qdisc each time (see set_rate)
-        assert 0.2 * 0.9 < _transfer_s(link, 25_000_000) < 0.2 * 1.25  # 200 Mbit at 1 Gbit/s
+        assert _qdisc_rate_bps(link) == 1_000_000_000
+        assert _transfer_s(link, 25_000_000) > 0.2 * 0.9  # 200 Mbit at 1 Gbit/s
         before = link.lo_bytes()
         _transfer_s(link, 1_000_000)
         assert link.lo_bytes() - before >= 1_000_000
@@ -57,12 +71,12 @@ def test_a_trace_is_replayed_on_the_link():
     trace = [TracePoint(0, 1e9), TracePoint(0.1, 100e6)]  # 12.5 MB in the first 0.1 s, then 1.25 MB per 0.1 s
     with shaped_netns(10e9) as link, TraceFollower(link, trace) as follower:
         seconds = _transfer_s(link, 15_000_000)
+        assert _qdisc_rate_bps(link) == 100_000_000  # the trace's last rate is in force
     assert [rate.rate_bps for rate in follower.applied] == [1e9, 100e6]
-    switched_s = follower.applied[1].at_s  # on time, give or take the poll and a tc process (slower under load)
-    assert 0.1 <= switched_s < 0.15
-    expected_s = switched_s + (15_000_000 - switched_s * 1e9 / 8) * 8 / 100e6  # ~0.3 s: fast, then 2.5 MB slow
-    # The switch drops what the old qdisc held (see NetnsLink.set_rate): allow TCP one loss recovery.
-    assert 0.9 * expected_s < seconds < expected_s + 0.3
+    switched_s = follower.applied[1].at_s
+    assert switched_s >= 0.1  # never early (late only under load)
+    expected_s = switched_s + (15_000_000 - switched_s * 1e9 / 8) * 8 / 100e6  # fast, then the rest at 100 Mbit/s
+    assert seconds > 0.9 * expected_s
 
 
 def test_the_namespace_is_deleted_on_error():

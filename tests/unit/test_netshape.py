@@ -44,10 +44,11 @@ class FakeLink:
         self.num_bytes = 0
         self.rates: list[tuple[float, float]] = []
         self.lock = threading.Lock()
-        self.fail = False
+        self.fail_after: int | None = None
+        """Rate changes that succeed before every later one fails (None: all succeed)."""
 
     def set_rate(self, rate_bps: float, current_handle: str = "") -> str:
-        if self.fail:
+        if self.fail_after is not None and len(self.rates) >= self.fail_after:
             raise ShapingCommandFailed(["tc"], 2, "RTNETLINK answers: No such device")
         with self.lock:
             self.rates.append((time.monotonic(), rate_bps))
@@ -58,6 +59,16 @@ class FakeLink:
 
 
 TRACE = [TracePoint(0, 1e9), TracePoint(0.05, 2e6), TracePoint(0.1, 3e6)]
+LATE = 600.0
+"""A trace point no test run reaches: what must not be applied stays unapplied however slow the machine is."""
+
+
+def _wait_for(condition, timeout_s: float = 30.0) -> None:
+    """Conditions, not sleeps: a loaded machine delays the follower's thread, it does not change what it does."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the trace follower made no progress"
+        time.sleep(0.005)
 
 
 def test_trace_starts_at_the_first_bytes_and_is_followed_in_order():
@@ -66,28 +77,28 @@ def test_trace_starts_at_the_first_bytes_and_is_followed_in_order():
         link.num_bytes = 999  # a lookup's worth: not yet the transfer
         time.sleep(0.08)
         assert link.rates[1:] == [] and follower.applied == []
-        link.num_bytes = 5000
         zero = time.monotonic()
-        time.sleep(0.2)
+        link.num_bytes = 5000
+        _wait_for(lambda: len(follower.applied) == 3)
     assert [rate for _, rate in link.rates] == [1e9, 2e6, 3e6]
     assert [rate.rate_bps for rate in follower.applied] == [1e9, 2e6, 3e6]
     for (at, _), point in zip(link.rates[1:], TRACE[1:], strict=True):
-        assert point.start_s <= at - zero + 0.002 < point.start_s + 0.05  # on time, never early
+        assert at - zero >= point.start_s  # never early (late only as far as the machine is slow)
 
 
 def test_stopping_before_the_trace_ends_leaves_the_current_rate():
     link = FakeLink()
-    with TraceFollower(link, TRACE, start_bytes=0, poll_s=0.001):
-        time.sleep(0.07)
-    time.sleep(0.06)  # past the last point: nothing more is applied after stop
-    assert [rate for _, rate in link.rates] == [1e9, 2e6]
+    trace = [TracePoint(0, 1e9), TracePoint(0.05, 2e6), TracePoint(LATE, 3e6)]
+    with TraceFollower(link, trace, start_bytes=0, poll_s=0.001) as follower:
+        _wait_for(lambda: len(follower.applied) == 2)
+    assert [rate for _, rate in link.rates] == [1e9, 2e6]  # stop() returned: the late point never comes
 
 
 def test_a_failed_rate_change_is_raised_not_hidden():
     link = FakeLink()
+    link.fail_after = 1  # the first rate (set by start) succeeds; the trace's next change fails
     follower = TraceFollower(link, TRACE, start_bytes=0, poll_s=0.001)
     follower.start()
-    link.fail = True
-    time.sleep(0.08)
+    _wait_for(lambda: not follower._thread.is_alive())
     with pytest.raises(ShapingCommandFailed, match="No such device"):
         follower.stop()
