@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -95,11 +96,8 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _kernel_s(frame: bytes, layout, tables, repeats: int) -> tuple[float, object, object]:
-    """Median kernel time (CUDA events) for one whole-context frame, plus its GPU output and per-stream status."""
-    import torch
-
-    from cachegen.codec import _ext
+def _streams(frame: bytes, layout, tables) -> tuple:
+    """A frame checked and split as ``decode`` does: (entry, sizes, words, fused, shape) for the ``_ext`` calls."""
     from cachegen.codec.bitstream import parse_frame
     from cachegen.codec.decode import _payload
     from cachegen.codec.levels import SCHEME_BY_LEVEL
@@ -109,8 +107,18 @@ def _kernel_s(frame: bytes, layout, tables, repeats: int) -> tuple[float, object
     entry = tables.for_level(parsed.header.level)
     sizes, words, scales = _payload(view, parsed, layout, SCHEME_BY_LEVEL[parsed.header.level].is_lossless)
     shape = (layout.num_layers, 2, layout.num_kv_heads, parsed.header.num_tokens, entry.table_map.shape[-1])
-    batch = _ext.upload_cuda(words, sizes, entry, shape, () if scales is None else (scales, entry.bins), "cuda")
-    out = torch.empty(layout.shape(parsed.header.num_tokens), dtype=torch.int16, device="cuda")
+    return entry, sizes, words, () if scales is None else (scales, entry.bins), shape
+
+
+def _kernel_s(frame: bytes, layout, tables, repeats: int) -> tuple[float, object, object]:
+    """Median kernel time (CUDA events) for one whole-context frame, plus its GPU output and per-stream status."""
+    import torch
+
+    from cachegen.codec import _ext
+
+    entry, sizes, words, fused, shape = _streams(frame, layout, tables)
+    batch = _ext.upload_cuda(words, sizes, entry, shape, fused, "cuda")
+    out = torch.empty(layout.shape(shape[3]), dtype=torch.int16, device="cuda")
     status = torch.zeros(sizes.size, dtype=torch.int32, device="cuda")
     times = []
     for _ in range(repeats + 1):
@@ -125,23 +133,10 @@ def _kernel_s(frame: bytes, layout, tables, repeats: int) -> tuple[float, object
 
 def _host_split(frame: bytes, layout, tables, repeats: int) -> tuple[float, float]:
     """Median seconds of the host's share of one chunk decode: checking and parsing the frame, then the upload."""
-
     from cachegen.codec import _ext
-    from cachegen.codec.bitstream import parse_frame
-    from cachegen.codec.decode import _payload
-    from cachegen.codec.levels import SCHEME_BY_LEVEL
 
-    def parse():
-        view = memoryview(frame).cast("B")
-        parsed = parse_frame(view)
-        lossless = SCHEME_BY_LEVEL[parsed.header.level].is_lossless
-        return parsed, _payload(view, parsed, layout, lossless)
-
-    parsed, (sizes, words, scales) = parse()
-    entry = tables.for_level(parsed.header.level)
-    shape = (layout.num_layers, 2, layout.num_kv_heads, parsed.header.num_tokens, entry.table_map.shape[-1])
-    fused = () if scales is None else (scales, entry.bins)
-    return _median_s(parse, repeats), _median_s(
+    entry, sizes, words, fused, shape = _streams(frame, layout, tables)
+    return _median_s(lambda: _streams(frame, layout, tables), repeats), _median_s(
         lambda: _ext.upload_cuda(words, sizes, entry, shape, fused, "cuda"), repeats
     )
 
@@ -163,9 +158,6 @@ def _level_row(level, layout, model_id, tables, kv, args) -> dict:
     import torch
 
     from cachegen.codec import _ext, decode, encode
-    from cachegen.codec.bitstream import parse_frame
-    from cachegen.codec.decode import _payload
-    from cachegen.codec.levels import SCHEME_BY_LEVEL
 
     step = layout.tokens_per_chunk
     chunks = [kv[:, :, :, s : s + step].contiguous() for s in range(0, kv.shape[3], step)]
@@ -188,12 +180,7 @@ def _level_row(level, layout, model_id, tables, kv, args) -> dict:
     big_cpu = torch.cat(cpu, dim=3)
     identical &= bool(torch.equal(big_out.cpu(), big_cpu.view(torch.int16))) and not bool(status.any())
 
-    view = memoryview(big).cast("B")
-    parsed = parse_frame(view)
-    entry = tables.for_level(level.id)
-    sizes, words, scales = _payload(view, parsed, layout, SCHEME_BY_LEVEL[level.id].is_lossless)
-    shape = (layout.num_layers, 2, layout.num_kv_heads, kv.shape[3], entry.table_map.shape[-1])
-    fused = () if scales is None else (scales, entry.bins)
+    entry, sizes, words, fused, shape = _streams(big, layout, tables)
     cores = len(os.sched_getaffinity(0))
     cpu_times = {}
     for threads in (1, cores):
@@ -209,20 +196,13 @@ def _level_row(level, layout, model_id, tables, kv, args) -> dict:
         "chunk_upload_ms": upload_s * 1e3, "chunk_frame_bytes": len(frames[0]),
         "gpu_context_decode_ms": context_s * 1e3, "gpu_context_decode_gb_s": out_bytes / context_s / 1e9,
         "gpu_kernel_ms": kernel_s * 1e3, "gpu_kernel_gb_s": out_bytes / kernel_s / 1e9,
-        "gpu_kernel_msym_s": shape_symbols(shape) / kernel_s / 1e6,
-        "cpu_decode_msym_s_1core": shape_symbols(shape) / cpu_times[1] / 1e6,
-        f"cpu_decode_msym_s_{cores}cores": shape_symbols(shape) / cpu_times[cores] / 1e6,
+        "gpu_kernel_msym_s": math.prod(shape) / kernel_s / 1e6,
+        "cpu_decode_msym_s_1core": math.prod(shape) / cpu_times[1] / 1e6,
+        f"cpu_decode_msym_s_{cores}cores": math.prod(shape) / cpu_times[cores] / 1e6,
         "gpu_equals_cpu": identical,
     }  # fmt: skip
     log.info("level %s: %s", level.name, row)
     return row
-
-
-def shape_symbols(shape: tuple[int, ...]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
 
 
 def run(args: argparse.Namespace) -> int:
