@@ -64,24 +64,38 @@ PyObject* encode_symbols(PyObject*, PyObject* args) {
                        reinterpret_cast<const char*>(words.data()), Py_ssize_t(total * 4));
 }
 
-// decode(desc, table_map, freq, cum, slots, words, sizes, scales|None, bins|None, out, mode, threads)
-//   -> (status, first bad stream); slots: (num_tables, 256) u8 lookup (FORMAT-independent decoder aid).
+// Largest byte of `data`: a plain reduction, so the per-call check of every slot vectorizes (no early exit).
+uint8_t max_byte(const uint8_t* data, Py_ssize_t len) {
+  uint8_t top = 0;
+  for (Py_ssize_t i = 0; i < len; ++i) top = data[i] > top ? data[i] : top;
+  return top;
+}
+
+// Attach the runtime lookup (slots: (num_tables, 256) u8; bounds: (num_tables, alphabet + 2) u32) to d after
+// checking its sizes and that every slot names a symbol; the bounds' values cannot move an index out of range.
+bool attach_lookup(const Py_buffer& slots, const Py_buffer& bounds, LevelDesc* d) {
+  if (!need(uint64_t(slots.len) == uint64_t(d->num_tables) * 256, "slots size") ||
+      !need(uint64_t(bounds.len) == uint64_t(d->num_tables) * (d->tables.alphabet + 2) * 4, "bounds size") ||
+      !need(max_byte(static_cast<const uint8_t*>(slots.buf), slots.len) < d->tables.alphabet, "slot entry out of range"))
+    return false;
+  d->tables.slots = static_cast<const uint8_t*>(slots.buf);
+  d->tables.bounds = static_cast<const uint32_t*>(bounds.buf);
+  return true;
+}
+
+// decode(desc, table_map, freq, cum, slots, bounds, words, sizes, scales|None, bins|None, out, mode, threads)
+//   -> (status, first bad stream); slots and bounds: the lookup of cachegen::TableSet (FORMAT-independent).
 // mode 0: int32 symbols into out; mode 1: fused 16-bit values (bf16 dequant when bins given, else bytes joined).
 PyObject* decode(PyObject*, PyObject* args) {
   PyObject *desc, *scales_obj, *bins_obj;
-  Py_buffer map, freq, cum, slots, words, sizes, out, scales{}, bins{};
+  Py_buffer map, freq, cum, slots, bounds, words, sizes, out, scales{}, bins{};
   int mode, threads;
-  if (!PyArg_ParseTuple(args, "Oy*y*y*y*y*y*OOw*ii", &desc, &map, &freq, &cum, &slots, &words, &sizes, &scales_obj,
-                        &bins_obj, &out, &mode, &threads))
+  if (!PyArg_ParseTuple(args, "Oy*y*y*y*y*y*y*OOw*ii", &desc, &map, &freq, &cum, &slots, &bounds, &words, &sizes,
+                        &scales_obj, &bins_obj, &out, &mode, &threads))
     return nullptr;
-  Buffers guard{{&map, &freq, &cum, &slots, &words, &sizes, &out}};
+  Buffers guard{{&map, &freq, &cum, &slots, &bounds, &words, &sizes, &out}};
   LevelDesc d;
-  if (!parse_desc(desc, &map, &freq, &cum, &d)) return nullptr;
-  if (!need(uint64_t(slots.len) == uint64_t(d.num_tables) * 256, "slots size")) return nullptr;
-  const uint8_t* slot = static_cast<const uint8_t*>(slots.buf);
-  for (Py_ssize_t i = 0; i < slots.len; ++i)
-    if (!need(slot[i] < d.tables.alphabet, "slot entry out of range")) return nullptr;
-  d.tables.slots = slot;
+  if (!parse_desc(desc, &map, &freq, &cum, &d) || !attach_lookup(slots, bounds, &d)) return nullptr;
   const bool is_quant = bins_obj != Py_None;
   if (is_quant) {
     if (PyObject_GetBuffer(scales_obj, &scales, PyBUF_SIMPLE) != 0) return nullptr;

@@ -90,7 +90,7 @@ def decode(
         out = np.empty(shape[:4] + (dim,), np.uint16)
         scales, bins = (np.ascontiguousarray(f, "<u2") for f in fused) if fused else (None, None)
     status, bad = _CPU.decode(
-        args, table_map, freq, cum, entry.slots, np.ascontiguousarray(words, "<u4"),
+        args, table_map, freq, cum, entry.slots, entry.bounds, np.ascontiguousarray(words, "<u4"),
         np.ascontiguousarray(sizes, "<u4"), scales, bins, out, 0 if fused is None else 1, num_threads,
     )  # fmt: skip
     return out, status, bad

@@ -35,6 +35,9 @@ class LevelTables:
     tables: Tables
     slots: np.ndarray = field(init=False, repr=False, default_factory=lambda: np.zeros(0, np.uint8))
     """Derived, not stored: (num_tables, 256) u8 symbol of each quantile >> 16 (the C++ decoder's fast lookup)."""
+    bounds: np.ndarray = field(init=False, repr=False, default_factory=lambda: np.zeros(0, np.uint32))
+    """Derived, not stored: (num_tables, alphabet + 2) u32, each row cum then 2^24 twice: one 8-byte load at symbol
+    s gives its cum and the next (their difference is freq), the C++ decoder's one load per step (codec.h)."""
     device_copies: dict = field(init=False, repr=False, compare=False, default_factory=dict)
     """Memo of these tables uploaded to a GPU, keyed by device (``_ext.device_tables``): uploaded once per model."""
 
@@ -51,6 +54,9 @@ class LevelTables:
         flat = np.searchsorted((cum + base).ravel(), probes, side="right") - 1  # rows sorted, one search for all
         slots = flat.reshape(num_tables, 256) - np.arange(num_tables)[:, None] * alphabet
         object.__setattr__(self, "slots", slots.astype(np.uint8))
+        bounds = np.full((num_tables, alphabet + 2), TOTAL, np.uint32)
+        bounds[:, :alphabet] = cum
+        object.__setattr__(self, "bounds", bounds)
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,6 +1,8 @@
 // Reference CPU implementation of the coded levels (FORMAT.md §5): the oracle the CUDA kernels must match.
 #include "codec_cpu.h"
 
+#include "lanes.h"
+
 #include <algorithm>
 #include <atomic>
 #include <thread>
@@ -75,36 +77,37 @@ struct BytesSink {  // lossless: high byte then low byte of each 16-bit value
   bool is_bad() const { return false; }
 };
 
-constexpr uint32_t kLanes = 4;  // streams decoded in lockstep per thread: independent states give the CPU ILP
-
-// Decode kLanes equal-length streams together; returns a bitmask of the lanes that failed their final check.
-template <class Sink>
-uint32_t decode_lanes(const uint32_t* words, const uint64_t* offsets, const uint32_t* sizes, uint32_t count,
-                      const uint32_t* row, uint32_t per_token, const TableSet& t, Sink* sinks) {
-  uint64_t state[kLanes];
-  uint32_t remaining[kLanes];
-  const uint32_t* base[kLanes];
-  for (uint32_t k = 0; k < kLanes; ++k) {
-    base[k] = words + offsets[k];
-    remaining[k] = sizes[k];
-    state[k] = initial_state(base[k], &remaining[k]);
+// Lookup rows of group g's columns, resolved once per group so no step multiplies a table index.
+void group_rows(const LevelDesc& d, uint32_t g, std::vector<LookupRow>& rows) {
+  const TableSet& t = d.tables;
+  rows.resize(d.per_token);
+  for (uint32_t c = 0; c < d.per_token; ++c) {
+    const uint64_t table = d.table_map[uint64_t(g) * d.per_token + c];
+    rows[c] = {t.slots + table * 256, t.bounds + table * (t.alphabet + 2)};
   }
-  uint32_t column = 0, token = 0;
-  for (uint32_t j = 0; j < count; ++j) {
-    const uint32_t table = row[column];
-    for (uint32_t k = 0; k < kLanes; ++k)
-      sinks[k](j, token, decode_step(&state[k], base[k], &remaining[k], t, table));
-    if (++column == per_token) { column = 0; ++token; }
-  }
-  uint32_t bad = 0;
-  for (uint32_t k = 0; k < kLanes; ++k) bad |= (state[k] != 0 || remaining[k] != 0 || sinks[k].is_bad()) << k;
-  return bad;
 }
 
-// Decodes every stream: full blocks kLanes at a time, the rest one by one. make_sink(g, t0, tokens) -> Sink.
+// Decodes blocks [b, b + kLanes) of group g together; reports each failed stream through fail(stream, is_symbol).
+template <uint32_t kLanes, class MakeSink, class Fail>
+void decode_blocks(const LevelDesc& d, const StreamPlan& p, uint32_t g, uint32_t b, const uint32_t* words,
+                   const uint64_t* offsets, const uint32_t* sizes, const std::vector<LookupRow>& rows,
+                   MakeSink& make_sink, Fail& fail) {
+  const uint64_t s = uint64_t(g) * p.per_group + b;
+  Lane lanes[kLanes];
+  decltype(make_sink(0u, 0u, 0u)) sinks[kLanes];
+  for (uint32_t k = 0; k < kLanes; ++k) {
+    lanes[k] = start_lane(words + offsets[s + k], sizes[s + k]);
+    sinks[k] = make_sink(g, p.first_token(b + k), p.tokens(b + k));
+  }
+  const uint32_t bad = decode_lanes<kLanes>(lanes, p.tokens(b), rows.data(), d.per_token, d.tables.alphabet, sinks);
+  for (uint32_t k = 0; k < kLanes; ++k) if (bad >> k & 1) fail(s + k, sinks[k].is_bad());
+}
+
+// Decodes every stream: full blocks 8 and then 4 at a time, the rest (and the short tail block) one by one.
 template <class MakeSink>
 Status decode_all(const LevelDesc& d, const uint32_t* words, uint64_t num_words, const uint32_t* sizes,
                   int num_threads, int64_t* bad_stream, MakeSink make_sink) {
+  if (d.tables.slots == nullptr || d.tables.bounds == nullptr) return kBadArgument;
   const StreamPlan p = plan_of(d);
   std::vector<uint64_t> offsets;
   if (stream_offsets(sizes, uint64_t(p.groups) * p.per_group, num_words, offsets) != kOk) return kBadSizes;
@@ -115,31 +118,30 @@ Status decode_all(const LevelDesc& d, const uint32_t* words, uint64_t num_words,
     if (first_bad.compare_exchange_strong(expected, int64_t(s))) status.store(is_symbol ? kBadSymbol : kBadFinalState);
   };
   for_groups(p.groups, num_threads, [&](uint32_t g) {
-    const uint32_t* row = d.table_map + uint64_t(g) * d.per_token;
+    std::vector<LookupRow> rows;
+    group_rows(d, g, rows);
     uint32_t b = 0;
-    for (; b + kLanes <= p.full_blocks; b += kLanes) {
-      const uint64_t s = uint64_t(g) * p.per_group + b;
-      decltype(make_sink(0u, 0u, 0u)) sinks[kLanes] = {make_sink(g, p.first_token(b), kStreamTokens),
-                                                       make_sink(g, p.first_token(b + 1), kStreamTokens),
-                                                       make_sink(g, p.first_token(b + 2), kStreamTokens),
-                                                       make_sink(g, p.first_token(b + 3), kStreamTokens)};
-      const uint32_t bad = decode_lanes(words, &offsets[s], sizes + s, kStreamTokens * d.per_token, row,
-                                        d.per_token, d.tables, sinks);
-      for (uint32_t k = 0; k < kLanes; ++k) if (bad >> k & 1) fail(s + k, sinks[k].is_bad());
-    }
-    for (; b < p.per_group; ++b) {
-      const uint64_t s = uint64_t(g) * p.per_group + b;
-      auto sink = make_sink(g, p.first_token(b), p.tokens(b));
-      Status st = decode_stream(words + offsets[s], sizes[s], p.tokens(b) * d.per_token, row, d.per_token,
-                                d.tables, sink);
-      if (st != kOk || sink.is_bad()) fail(s, sink.is_bad());
-    }
+    for (; b + 8 <= p.full_blocks; b += 8) decode_blocks<8>(d, p, g, b, words, offsets.data(), sizes, rows, make_sink, fail);
+    for (; b + 4 <= p.full_blocks; b += 4) decode_blocks<4>(d, p, g, b, words, offsets.data(), sizes, rows, make_sink, fail);
+    for (; b < p.per_group; ++b) decode_blocks<1>(d, p, g, b, words, offsets.data(), sizes, rows, make_sink, fail);
   });
   *bad_stream = first_bad.load();
   return static_cast<Status>(status.load());
 }
 
 }  // namespace
+
+void build_lookup(const TableSet& t, uint32_t num_tables, std::vector<uint8_t>* slots, std::vector<uint32_t>* bounds) {
+  const uint32_t A = t.alphabet;
+  slots->resize(uint64_t(num_tables) * 256);
+  bounds->resize(uint64_t(num_tables) * (A + 2));
+  for (uint64_t r = 0; r < num_tables; ++r) {
+    const uint32_t* cum = t.cum + r * A;
+    for (uint32_t i = 0; i < 256; ++i) (*slots)[r * 256 + i] = static_cast<uint8_t>(find_symbol(cum, A, i << 16));
+    std::copy(cum, cum + A, bounds->begin() + r * (A + 2));
+    (*bounds)[r * (A + 2) + A] = (*bounds)[r * (A + 2) + A + 1] = kTotal;
+  }
+}
 
 uint64_t num_streams(const LevelDesc& d) {
   const StreamPlan p = plan_of(d);

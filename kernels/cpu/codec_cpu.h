@@ -1,6 +1,7 @@
 // CPU twin of the CUDA entry points (STYLE §6): whole frames' streams, threads over streams.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "cachegen/codec.h"
 
@@ -15,6 +16,12 @@ struct LevelDesc {
 };
 
 uint64_t num_streams(const LevelDesc& d);
+
+// The runtime lookup the decoders need (TableSet::slots and ::bounds) for num_tables rows of t: what
+// cachegen/codec/tables.py derives as LevelTables.slots and .bounds, for C++ callers without Python.
+void build_lookup(const TableSet& t, uint32_t num_tables, std::vector<uint8_t>* slots, std::vector<uint32_t>* bounds);
+
+// Decoding needs d.tables.slots and .bounds (kBadArgument without them).
 
 // Symbols (layers, 2, heads, tokens, per_token) int32 -> sizes[num_streams] and words (capacity
 // num_streams * (STREAM_TOKENS * per_token + 2)); returns the word count.

@@ -165,6 +165,11 @@ std::string decode_frame(const uint8_t* d, const FrameView& f, const TablesFile*
   }
   LevelDesc desc{f.layers, f.heads, f.num_tokens, lv->per_token, lv->table_map.data(), lv->num_tables,
                  {lv->freq.data(), lv->cum.data(), lv->alphabet}};
+  std::vector<uint8_t> slots;
+  std::vector<uint32_t> bounds;
+  build_lookup(desc.tables, lv->num_tables, &slots, &bounds);  // per frame: fine for a test reader
+  desc.tables.slots = slots.data();
+  desc.tables.bounds = bounds.data();
   out->assign(values, 0);
   int64_t bad_stream = -1;
   Status st = decode_values_cpu(desc, w.data(), w.size(), z.data(), is_quant ? scales.data() : nullptr,

@@ -7,14 +7,17 @@ import pytest
 import torch
 
 from cachegen import spec
-from cachegen.codec import _ext, calibrate, decode, encode
+from cachegen.codec import _ext, calibrate, coded, decode, encode
 from cachegen.codec.bitstream import HEADER_SIZE
+from cachegen.codec.calibrate import lossless_map
 from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.codec.quant import STREAM_TOKENS
-from cachegen.codec.rans import PRECISION
+from cachegen.codec.rans import PRECISION, Tables
+from cachegen.codec.tables import LevelTables, freq_from_counts
 from cachegen.errors import FormatError
 from cachegen.spec import KVLayout
 from tests.golden.make_golden import reseal
+from tests.unit.codec_fixtures import tiny_transform
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpu(), reason="C++ extension not built (pip install -e .)")
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16", tokens_per_chunk=32)
@@ -28,7 +31,8 @@ def make_kv(num_tokens: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tables():
-    return calibrate([make_kv(32, 1), make_kv(32, 2)], LAYOUT, MODEL)
+    samples = [make_kv(32, 1), make_kv(32, 2)]
+    return calibrate(samples, LAYOUT, MODEL, transform=tiny_transform(samples, LAYOUT))
 
 
 def test_extension_constants_match_spec() -> None:
@@ -85,3 +89,64 @@ def test_cuda_upload_staging_without_a_gpu(tables, level: int) -> None:
     assert np.array_equal(cum.numpy().view(np.uint32), entry.tables.cum)
     assert np.array_equal(slots.numpy(), entry.slots)
     assert _ext.device_tables(entry, "cpu") is batch.tables  # uploaded once per model and device
+
+
+def _skewed_level(alphabet: int, seed: int) -> LevelTables:
+    """Lossless-shaped tables whose slots hold many symbols each (most frequencies 1, a few huge), so the decoder's
+    lookup takes its rare multi-step path, next to ordinary peaked rows."""
+    rng = np.random.default_rng(seed)
+    table_map = lossless_map(LAYOUT)
+    num_tables = int(table_map.max()) + 1
+    weights = rng.pareto(0.7, (num_tables, alphabet)) + 1e-9
+    weights[::2] = rng.exponential(1.0, (num_tables - num_tables // 2, alphabet)) ** 6  # peaked rows
+    freq = freq_from_counts(weights)
+    return LevelTables(1, np.zeros((LAYOUT.num_layers, 2), np.uint16), table_map, Tables(freq))
+
+
+@pytest.mark.parametrize("num_tokens", [31, 32, 45, 256, 300])
+def test_lookup_matches_reference_on_skewed_tables(num_tokens: int) -> None:
+    """Every symbol of every row (rare tails included) decodes as the numpy reference says, whatever lane
+    grouping the stream count gives (8, 4 and single lanes, short tail blocks)."""
+    entry = _skewed_level(256, num_tokens)
+    rng = np.random.default_rng(num_tokens)
+    shape = (LAYOUT.num_layers, 2, LAYOUT.num_kv_heads, num_tokens, entry.table_map.shape[-1])
+    ids = np.broadcast_to(entry.table_map[:, :, :, None, :], shape)
+    quantile = rng.integers(0, 1 << PRECISION, shape)  # symbols drawn by their own tables' probabilities
+    symbols = _draw(entry, ids, quantile)
+    sizes, words = coded.encode_symbols(symbols, entry)
+    assert np.array_equal(_ext.encode_symbols(symbols, entry)[1], words)
+    out, status, bad = _ext.decode(words, sizes, entry, shape, None)
+    assert (status, bad) == (0, -1)
+    assert np.array_equal(out, symbols)
+
+
+def _draw(entry: LevelTables, ids: np.ndarray, quantile: np.ndarray) -> np.ndarray:
+    flat_ids, flat_q = ids.reshape(-1), quantile.reshape(-1)
+    out = np.empty(flat_ids.size, np.int32)
+    for table in np.unique(flat_ids):
+        where = flat_ids == table
+        out[where] = np.searchsorted(entry.tables.cum[table], flat_q[where], side="right") - 1
+    return out.reshape(ids.shape)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hostile_words_give_status_codes(tables, seed: int) -> None:
+    """Random words (any 64-bit state, any refill pattern) and random stream sizes never crash or read out of
+    range: each decode returns OK, a bad final state or a bad symbol, and sizes that do not add up say so."""
+    rng = np.random.default_rng(seed)
+    for entry in tables.levels:
+        num_tokens = int(rng.choice([1, 32, 45, 256]))
+        shape = (LAYOUT.num_layers, 2, LAYOUT.num_kv_heads, num_tokens, entry.table_map.shape[-1])
+        streams = LAYOUT.num_layers * 2 * LAYOUT.num_kv_heads * -(-num_tokens // STREAM_TOKENS)
+        sizes = rng.integers(0, 4, streams).astype(np.uint32) * rng.integers(0, 40, streams).astype(np.uint32)
+        fill = [0, 0xFFFFFFFF, None][seed % 3]
+        words = rng.integers(0, 1 << 32, int(sizes.sum()), dtype=np.uint64).astype(np.uint32)
+        if fill is not None:
+            words[::2] = fill
+        scales = rng.integers(0, 1 << 16, (LAYOUT.num_layers, 2, num_tokens)).astype(np.uint16)
+        fused = () if entry.quant_bins is None else (scales, entry.bins)
+        for mode in (None, fused):
+            _, status, bad = _ext.decode(words, sizes, entry, shape, mode)
+            assert status in (0, 1, 3) and (status == 0) == (bad == -1)
+        _, status, _ = _ext.decode(words[:-1] if words.size else np.ones(1, np.uint32), sizes, entry, shape, None)
+        assert status == 2

@@ -18,10 +18,44 @@ struct TableSet {
   const uint32_t* freq;
   const uint32_t* cum;
   uint32_t alphabet;
-  // Optional (nullptr: binary search). slots[t * 256 + (q >> 16)] = the symbol of quantile (q >> 16) << 16 in
-  // table t: the true symbol is that one or a few above it, so peaked tables resolve in one load.
+  // Optional runtime lookup (both or neither; nullptr: binary search), derived from cum, never stored:
+  // slots[t * 256 + (q >> 16)] = the symbol of quantile (q >> 16) << 16 in table t (the true symbol is that one or
+  // a few above it); bounds[t * (alphabet + 2) + s] = cum[s] for s < alphabet, then 2^24 twice, so one 8-byte
+  // load at s gives a symbol's cum and the next one (freq = their difference) for every s <= alphabet.
   const uint8_t* slots = nullptr;
+  const uint32_t* bounds = nullptr;
 };
+
+// One table's lookup rows (TableSet::slots and ::bounds at that table).
+struct LookupRow {
+  const uint8_t* slots;
+  const uint32_t* bounds;
+};
+
+// cum[s] | cum[s + 1] << 32 of a bounds row: one (possibly unaligned) load, little-endian like the whole format.
+CG_HD uint64_t bound_pair(const uint32_t* bounds, uint32_t s) {
+  uint64_t pair;
+  __builtin_memcpy(&pair, bounds + s, 8);
+  return pair;
+}
+
+CG_HD uint32_t pair_low(uint64_t pair) { return static_cast<uint32_t>(pair); }
+CG_HD uint32_t pair_freq(uint64_t pair) { return static_cast<uint32_t>(pair >> 32) - static_cast<uint32_t>(pair); }
+
+// The symbol of `quantile` (< 2^24) and its bound pair (cum, next cum). The guess s0's pair and s0 + 1's load together
+// and the pick needs no branch (symbols vary, so a data-dependent branch would mispredict); only a slot holding three
+// or more symbols steps further. Indexes stay in range whatever the state: s0 < alphabet (checked by the caller), so
+// both pairs lie in the row, and the loop stops at the last symbol.
+CG_HD uint32_t lookup_symbol(const LookupRow& r, uint32_t alphabet, uint32_t quantile, uint64_t* pair) {
+  const uint32_t s0 = r.slots[quantile >> 16];
+  const uint64_t p0 = bound_pair(r.bounds, s0), p1 = bound_pair(r.bounds, s0 + 1);
+  const uint32_t up = quantile >= pair_low(p1);
+  uint32_t sym = s0 + up;
+  uint64_t p = up ? p1 : p0;
+  while (quantile >= static_cast<uint32_t>(p >> 32) && sym + 1 < alphabet) p = bound_pair(r.bounds, ++sym);
+  *pair = p;
+  return sym;
+}
 
 // Largest s with cum[s] <= quantile: branch-free binary search over one row (alphabet <= 256).
 CG_HD uint32_t find_symbol(const uint32_t* cum, uint32_t alphabet, uint32_t quantile) {
@@ -56,17 +90,15 @@ CG_HD void advance(uint64_t* state, uint32_t quantile, uint32_t cum, uint32_t fr
 CG_HD uint32_t decode_step(uint64_t* state, const uint32_t* words, uint32_t* remaining, const TableSet& t,
                            uint32_t table) {
   const uint32_t quantile = static_cast<uint32_t>(*state & (kTotal - 1));
-  const uint32_t* cum = t.cum + static_cast<uint64_t>(table) * t.alphabet;
-  uint32_t sym;
   if (t.slots != nullptr) {
-    sym = t.slots[static_cast<uint64_t>(table) * 256 + (quantile >> 16)];
-    // First step branch-free (symbols vary, so a data-dependent branch here mispredicts); further steps are rare.
-    const uint32_t next = sym + 1 < t.alphabet ? sym + 1 : sym;
-    sym += (next != sym) & (cum[next] <= quantile);
-    while (sym + 1 < t.alphabet && cum[sym + 1] <= quantile) ++sym;
-  } else {
-    sym = find_symbol(cum, t.alphabet, quantile);
+    uint64_t p;
+    const LookupRow r{t.slots + static_cast<uint64_t>(table) * 256, t.bounds + static_cast<uint64_t>(table) * (t.alphabet + 2)};
+    const uint32_t sym = lookup_symbol(r, t.alphabet, quantile, &p);
+    advance(state, quantile, pair_low(p), pair_freq(p), words, remaining);
+    return sym;
   }
+  const uint32_t* cum = t.cum + static_cast<uint64_t>(table) * t.alphabet;
+  const uint32_t sym = find_symbol(cum, t.alphabet, quantile);
   advance(state, quantile, cum[sym], t.freq[static_cast<uint64_t>(table) * t.alphabet + sym], words, remaining);
   return sym;
 }

@@ -1,0 +1,173 @@
+"""`cachegen bench codec-speed`: one-core rANS decode Msym/s of the C++ extension per coded level, nothing else.
+
+Tables come from `cachegen.codec.calibrate` on real SmolLM2 KV (calibrated on essay tails with measured
+sensitivity, timed on a pydoc chunk the tables never saw), cached under `--cache` so reruns skip the model; with
+`--synthetic`, or when the model cannot be prepared, seeded Laplacian-like KV instead (the JSON says which).
+Per level and mode (int32 symbols, and the fused 16-bit output the frame decoder uses): the median of `--repeats`
+timed decodes on one thread. `--baseline PATH` loads an earlier build of the extension (a saved `_cpu*.so`) and
+times it in the same process, interleaved repeat by repeat with the current one, so machine noise hits both alike;
+its outputs must equal the current build's bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from bench.common import device_name, emit, git_sha
+
+log = logging.getLogger(__name__)
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, default=256, help="tokens of KV decoded per timing (one chunk)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed decodes per level and mode (median)")
+    parser.add_argument("--levels", default="", help="comma-separated level names (default: every coded level)")
+    parser.add_argument("--baseline", default="", help="an earlier build's _cpu*.so to time side by side")
+    parser.add_argument("--cache", default="build/codec_speed", help="where real KV and its tables are cached")
+    parser.add_argument("--synthetic", action="store_true", help="seeded synthetic KV instead of the model's")
+    parser.add_argument("--json", default="", help="write the result here")
+
+
+def _real_kv(args: argparse.Namespace):
+    """(tables, kv) from the model, cached as a tables file and a safetensors file under --cache."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from cachegen.codec import load_tables
+
+    cache = Path(args.cache)
+    kv_path, tables_path = cache / f"kv_{args.tokens}.safetensors", cache / "tables.cgct"
+    if not (kv_path.exists() and tables_path.exists()):
+        layout, tables, kv = _from_model(args.tokens)
+        cache.mkdir(parents=True, exist_ok=True)
+        tables.save(tables_path)
+        save_file({"kv": kv}, kv_path, metadata={"layout": json.dumps(dataclasses.asdict(layout))})
+    return load_tables(tables_path.read_bytes()), load_file(kv_path)["kv"]
+
+
+def _from_model(num_tokens: int):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cachegen.codec import calibrate
+    from cachegen.codec.calibrate_cli import calibration_texts, collect_kv, measure_sensitivity
+    from cachegen.config import Settings
+    from cachegen.model import ensure_model, kv_layout, model_fingerprint
+
+    settings = Settings.from_env()
+    model_dir = ensure_model(settings.home, "")
+    layout = kv_layout(model_dir, "bfloat16", settings.codec.tokens_per_chunk)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    texts = calibration_texts(4)
+    samples = [collect_kv(model, tokenizer, text[len(text) // 2 :], 1024)[0] for text in texts[:2]]
+    sensitivity = measure_sensitivity(model, tokenizer, texts[1][len(texts[1]) // 2 :], 512)
+    tables = calibrate(samples, layout, model_fingerprint(model_dir, layout), sensitivity)
+    return layout, tables, collect_kv(model, tokenizer, texts[3], num_tokens)[0].contiguous()
+
+
+def _synthetic_kv(num_tokens: int):
+    """SmolLM2-135M's shape; per-channel Laplacian values with a few outlier channels, as real keys have."""
+    import torch
+
+    from cachegen.codec import calibrate
+    from cachegen.spec import KVLayout
+
+    layout = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype="bfloat16", tokens_per_chunk=256)
+    gen = torch.Generator().manual_seed(0)
+    channel_scale = torch.rand((layout.num_layers, 2, layout.num_kv_heads, 1, layout.head_dim), generator=gen)
+    channel_scale = 0.2 + 4 * channel_scale**4
+
+    def sample(tokens: int):
+        uniform = torch.rand(layout.shape(tokens), generator=gen).clamp(1e-7, 1 - 1e-7)
+        laplace = -torch.sign(uniform - 0.5) * torch.log1p(-2 * (uniform - 0.5).abs())
+        return (laplace * channel_scale).bfloat16().contiguous()
+
+    return calibrate([sample(1024), sample(1024)], layout, b"synthetic"), sample(num_tokens)
+
+
+def _load_baseline(path: str):
+    spec = importlib.util.spec_from_file_location("_cpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _baseline_decode(module, words, sizes, entry, shape, fused):
+    """decode() of the extension before commit "bounds lookup": slots only, no bounds argument (the old signature)."""
+    import numpy as np
+
+    from cachegen.codec import _ext
+
+    args, table_map, freq, cum = _ext._desc(entry, shape)
+    dim = shape[4] if fused or fused is None else shape[4] // 2
+    out = np.empty(shape[:4] + (dim,), np.int32 if fused is None else np.uint16)
+    scales, bins = (np.ascontiguousarray(f, "<u2") for f in fused) if fused else (None, None)
+    status, _ = module.decode(args, table_map, freq, cum, entry.slots, words, sizes, scales, bins, out,
+                              0 if fused is None else 1, 1)  # fmt: skip
+    return out, status
+
+
+def _time_level(entry, kv, args, baseline) -> list[dict]:
+    import numpy as np
+
+    from cachegen.codec import _ext, encode_symbols_cpu, symbols_of
+
+    symbols, scales = symbols_of(kv, entry.quant_bins)
+    sizes, words = encode_symbols_cpu(symbols, entry)
+    rows = []
+    for mode, fused in (("symbols", None), ("fused", () if scales is None else (scales, entry.bins))):
+        runs = {"new": lambda fused=fused: _ext.decode(words, sizes, entry, symbols.shape, fused, 1)[:2]}
+        if baseline is not None:
+            runs["old"] = lambda fused=fused: _baseline_decode(baseline, words, sizes, entry, symbols.shape, fused)
+        outputs = {name: fn() for name, fn in runs.items()}  # warm-up, and the outputs to compare
+        assert all(status == 0 for _, status in outputs.values())
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, fn in runs.items():  # interleaved: old and new see the same background load
+                began = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - began)
+        row = {"mode": mode, "msym": symbols.size / 1e6, "bits_per_symbol": words.size * 32 / symbols.size}
+        for name, values in times.items():
+            row[f"{name}_msym_s"] = symbols.size / statistics.median(values) / 1e6
+            row[f"{name}_msym_s_best"] = symbols.size / min(values) / 1e6
+        if baseline is not None:
+            row["identical"] = bool(np.array_equal(outputs["old"][0], outputs["new"][0]))
+            row["speedup"] = row["new_msym_s"] / row["old_msym_s"]
+        rows.append(row)
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from cachegen.spec import LEVELS
+
+    source = "synthetic"
+    if not args.synthetic:
+        try:
+            tables, kv = _real_kv(args)
+            source = "real SmolLM2-135M-Instruct KV (pydoc), tables calibrated on essays"
+        except Exception as exc:  # noqa: BLE001 - no model here: say so and measure on synthetic data
+            log.warning("real KV unavailable (%s); using synthetic KV", exc)
+    if source == "synthetic":
+        tables, kv = _synthetic_kv(args.tokens)
+    baseline = _load_baseline(args.baseline) if args.baseline else None
+    wanted = set(args.levels.split(",")) if args.levels else {level.name for level in LEVELS if level.id >= 1}
+    rows = []
+    for level in LEVELS:
+        entry = tables.for_level(level.id)
+        if level.name in wanted and entry is not None:
+            for row in _time_level(entry, kv, args, baseline):
+                rows.append({"level": level.name, **row})
+                log.info("codec speed %s", rows[-1])
+    result = {"git_sha": git_sha(), "device": device_name(), "threads": 1, "data": source, "tokens": kv.shape[3],
+              "repeats": args.repeats, "baseline": args.baseline or None, "rows": rows}  # fmt: skip
+    emit(result, args.json)
+    return 0
