@@ -76,7 +76,7 @@ uint8_t max_byte(const uint8_t* data, Py_ssize_t len) {
 bool attach_lookup(const Py_buffer& slots, const Py_buffer& bounds, LevelDesc* d) {
   if (!need(uint64_t(slots.len) == uint64_t(d->num_tables) * 256, "slots size") ||
       !need(uint64_t(bounds.len) == uint64_t(d->num_tables) * (d->tables.alphabet + 2) * 4, "bounds size") ||
-      !need(max_byte(static_cast<const uint8_t*>(slots.buf), slots.len) < d->tables.alphabet, "slot entry out of range"))
+      !need(max_byte(static_cast<const uint8_t*>(slots.buf), slots.len) < d->tables.alphabet, "slot out of range"))
     return false;
   d->tables.slots = static_cast<const uint8_t*>(slots.buf);
   d->tables.bounds = static_cast<const uint32_t*>(bounds.buf);

@@ -49,30 +49,42 @@ Status stream_offsets(const uint32_t* sizes, uint64_t count, uint64_t num_words,
   return out[count] == num_words ? kOk : kBadSizes;
 }
 
+// Sinks take one token of a stream at a time: put(token, syms) with per_token symbols (< 256), in plain loops
+// the compiler vectorizes.
 struct SymbolSink {
   int32_t* out;
-  void operator()(uint32_t j, uint32_t, uint32_t sym) { out[j] = static_cast<int32_t>(sym); }
+  uint32_t per_token;
+  void put(uint32_t token, const uint8_t* syms) {
+    int32_t* dst = out + uint64_t(token) * per_token;
+    for (uint32_t c = 0; c < per_token; ++c) dst[c] = syms[c];
+  }
   bool is_bad() const { return false; }
 };
 
 struct QuantSink {  // fused dequantization: one f32 multiply, bf16 round half to even (FORMAT.md §5.2)
   uint16_t* out;
-  uint32_t head_dim, half, limit;
+  uint32_t per_token, half, limit;
   float steps[kStreamTokens];  // per token of this block
-  bool has_bad = false;
-  void operator()(uint32_t j, uint32_t token, uint32_t sym) {
-    has_bad |= sym > limit;
-    const float q = static_cast<float>(static_cast<int32_t>(sym) - static_cast<int32_t>(half));
-    out[j] = float_to_bf16(q * steps[token]);
+  uint32_t top = 0;            // largest symbol seen: above limit, no quantizer of this level emitted it
+  void put(uint32_t token, const uint8_t* syms) {
+    uint16_t* dst = out + uint64_t(token) * per_token;
+    const float step = steps[token];
+    uint8_t seen = 0;
+    for (uint32_t c = 0; c < per_token; ++c) {
+      seen = syms[c] > seen ? syms[c] : seen;
+      dst[c] = float_to_bf16(static_cast<float>(static_cast<int32_t>(syms[c]) - static_cast<int32_t>(half)) * step);
+    }
+    top = seen > top ? seen : top;
   }
-  bool is_bad() const { return has_bad; }
+  bool is_bad() const { return top > limit; }
 };
 
 struct BytesSink {  // lossless: high byte then low byte of each 16-bit value
   uint16_t* out;
-  void operator()(uint32_t j, uint32_t, uint32_t sym) {
-    if ((j & 1) == 0) out[j >> 1] = static_cast<uint16_t>(sym << 8);
-    else out[j >> 1] |= static_cast<uint16_t>(sym);
+  uint32_t per_token;
+  void put(uint32_t token, const uint8_t* syms) {
+    uint16_t* dst = out + uint64_t(token) * (per_token / 2);
+    for (uint32_t i = 0; i < per_token / 2; ++i) dst[i] = static_cast<uint16_t>(syms[2 * i] << 8 | syms[2 * i + 1]);
   }
   bool is_bad() const { return false; }
 };
@@ -90,7 +102,7 @@ void group_rows(const LevelDesc& d, uint32_t g, std::vector<LookupRow>& rows) {
 // Decodes blocks [b, b + kLanes) of group g together; reports each failed stream through fail(stream, is_symbol).
 template <uint32_t kLanes, class MakeSink, class Fail>
 void decode_blocks(const LevelDesc& d, const StreamPlan& p, uint32_t g, uint32_t b, const uint32_t* words,
-                   const uint64_t* offsets, const uint32_t* sizes, const std::vector<LookupRow>& rows,
+                   const uint64_t* offsets, const uint32_t* sizes, const GroupRows& rows, uint8_t* scratch,
                    MakeSink& make_sink, Fail& fail) {
   const uint64_t s = uint64_t(g) * p.per_group + b;
   Lane lanes[kLanes];
@@ -99,7 +111,7 @@ void decode_blocks(const LevelDesc& d, const StreamPlan& p, uint32_t g, uint32_t
     lanes[k] = start_lane(words + offsets[s + k], sizes[s + k]);
     sinks[k] = make_sink(g, p.first_token(b + k), p.tokens(b + k));
   }
-  const uint32_t bad = decode_lanes<kLanes>(lanes, p.tokens(b), rows.data(), d.per_token, d.tables.alphabet, sinks);
+  const uint32_t bad = decode_lanes<kLanes>(lanes, p.tokens(b), rows, d.per_token, d.tables.alphabet, sinks, scratch);
   for (uint32_t k = 0; k < kLanes; ++k) if (bad >> k & 1) fail(s + k, sinks[k].is_bad());
 }
 
@@ -120,10 +132,15 @@ Status decode_all(const LevelDesc& d, const uint32_t* words, uint64_t num_words,
   for_groups(p.groups, num_threads, [&](uint32_t g) {
     std::vector<LookupRow> rows;
     group_rows(d, g, rows);
+    const uint32_t row_bytes = 256 + (d.tables.alphabet + 2) * 4;
+    const GroupRows gr{rows.data(), d.per_token * row_bytes > kL1RowBytes ? (row_bytes - 256 + 63) / 64 + 1 : 0};
+    std::vector<uint8_t> scratch(8 * d.per_token);  // a token's symbols per lane
+    uint8_t* syms = scratch.data();
+    const uint64_t* o = offsets.data();
     uint32_t b = 0;
-    for (; b + 8 <= p.full_blocks; b += 8) decode_blocks<8>(d, p, g, b, words, offsets.data(), sizes, rows, make_sink, fail);
-    for (; b + 4 <= p.full_blocks; b += 4) decode_blocks<4>(d, p, g, b, words, offsets.data(), sizes, rows, make_sink, fail);
-    for (; b < p.per_group; ++b) decode_blocks<1>(d, p, g, b, words, offsets.data(), sizes, rows, make_sink, fail);
+    for (; b + 8 <= p.full_blocks; b += 8) decode_blocks<8>(d, p, g, b, words, o, sizes, gr, syms, make_sink, fail);
+    for (; b + 4 <= p.full_blocks; b += 4) decode_blocks<4>(d, p, g, b, words, o, sizes, gr, syms, make_sink, fail);
+    for (; b < p.per_group; ++b) decode_blocks<1>(d, p, g, b, words, o, sizes, gr, syms, make_sink, fail);
   });
   *bad_stream = first_bad.load();
   return static_cast<Status>(status.load());
@@ -171,7 +188,7 @@ uint64_t encode_symbols_cpu(const LevelDesc& d, const int32_t* symbols, uint32_t
 Status decode_symbols_cpu(const LevelDesc& d, const uint32_t* words, uint64_t num_words, const uint32_t* sizes,
                           int32_t* symbols, int num_threads, int64_t* bad_stream) {
   return decode_all(d, words, num_words, sizes, num_threads, bad_stream, [&](uint32_t g, uint32_t t0, uint32_t) {
-    return SymbolSink{symbols + (uint64_t(g) * d.num_tokens + t0) * d.per_token};
+    return SymbolSink{symbols + (uint64_t(g) * d.num_tokens + t0) * d.per_token, d.per_token};
   });
 }
 
@@ -180,14 +197,14 @@ Status decode_values_cpu(const LevelDesc& d, const uint32_t* words, uint64_t num
                          int64_t* bad_stream) {
   if (!bins) {  // lossless: P = 2 * head_dim symbols per token, two per output value
     return decode_all(d, words, num_words, sizes, num_threads, bad_stream, [&](uint32_t g, uint32_t t0, uint32_t) {
-      return BytesSink{out + (uint64_t(g) * d.num_tokens + t0) * (d.per_token / 2)};
+      return BytesSink{out + (uint64_t(g) * d.num_tokens + t0) * (d.per_token / 2), d.per_token};
     });
   }
   Status st = decode_all(d, words, num_words, sizes, num_threads, bad_stream,
                          [&](uint32_t g, uint32_t t0, uint32_t tokens) {
                            const uint32_t layer_kv = g / d.heads;  // (layer, K|V) of group (layer, K|V, head)
                            QuantSink sink{out + (uint64_t(g) * d.num_tokens + t0) * d.per_token, d.per_token,
-                                          bins[layer_kv] / 2u - 1u, bins[layer_kv] - 2u, {}, false};
+                                          bins[layer_kv] / 2u - 1u, bins[layer_kv] - 2u, {}, 0};
                            for (uint32_t t = 0; t < tokens; ++t)
                              sink.steps[t] = dequant_step(scales[uint64_t(layer_kv) * d.num_tokens + t0 + t], sink.half);
                            return sink;

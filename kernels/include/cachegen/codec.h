@@ -48,7 +48,8 @@ CG_HD uint32_t pair_freq(uint64_t pair) { return static_cast<uint32_t>(pair >> 3
 // both pairs lie in the row, and the loop stops at the last symbol.
 CG_HD uint32_t lookup_symbol(const LookupRow& r, uint32_t alphabet, uint32_t quantile, uint64_t* pair) {
   const uint32_t s0 = r.slots[quantile >> 16];
-  const uint64_t p0 = bound_pair(r.bounds, s0), p1 = bound_pair(r.bounds, s0 + 1);
+  const uint32_t* at = r.bounds + s0;  // a pointer, so that s0 + 1 folds into the load's displacement
+  const uint64_t p0 = bound_pair(at, 0), p1 = bound_pair(at, 1);
   const uint32_t up = quantile >= pair_low(p1);
   uint32_t sym = s0 + up;
   uint64_t p = up ? p1 : p0;
@@ -92,7 +93,8 @@ CG_HD uint32_t decode_step(uint64_t* state, const uint32_t* words, uint32_t* rem
   const uint32_t quantile = static_cast<uint32_t>(*state & (kTotal - 1));
   if (t.slots != nullptr) {
     uint64_t p;
-    const LookupRow r{t.slots + static_cast<uint64_t>(table) * 256, t.bounds + static_cast<uint64_t>(table) * (t.alphabet + 2)};
+    const uint64_t at = table;
+    const LookupRow r{t.slots + at * 256, t.bounds + at * (t.alphabet + 2)};
     const uint32_t sym = lookup_symbol(r, t.alphabet, quantile, &p);
     advance(state, quantile, pair_low(p), pair_freq(p), words, remaining);
     return sym;
