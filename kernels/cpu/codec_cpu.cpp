@@ -89,13 +89,21 @@ struct BytesSink {  // lossless: high byte then low byte of each 16-bit value
   bool is_bad() const { return false; }
 };
 
-// Lookup rows of group g's columns, resolved once per group so no step multiplies a table index.
-void group_rows(const LevelDesc& d, uint32_t g, std::vector<LookupRow>& rows) {
+// Lookup rows of group g's columns, resolved once per group so no step multiplies a table index, and what to
+// prefetch while decoding each (lanes.h): nothing when the group's rows fit L1, nor a row one of the two columns
+// before it used (the lossless level's low bytes share one table per group).
+void group_rows(const LevelDesc& d, uint32_t g, std::vector<LookupRow>& rows, std::vector<Prefetch>& ahead) {
   const TableSet& t = d.tables;
-  rows.resize(d.per_token);
-  for (uint32_t c = 0; c < d.per_token; ++c) {
-    const uint64_t table = d.table_map[uint64_t(g) * d.per_token + c];
-    rows[c] = {t.slots + table * 256, t.bounds + table * (t.alphabet + 2)};
+  const uint32_t P = d.per_token, *map = d.table_map + uint64_t(g) * P;
+  const uint32_t bounds_bytes = (t.alphabet + 2) * 4;
+  const bool is_large = uint64_t(P) * (256 + bounds_bytes) > kL1RowBytes;
+  rows.resize(P);
+  ahead.resize(P);
+  for (uint32_t c = 0; c < P; ++c) rows[c] = {t.slots + map[c] * 256ull, t.bounds + map[c] * (t.alphabet + 2ull)};
+  for (uint32_t c = 0; c < P; ++c) {
+    const uint32_t a = (c + kPrefetchColumns) % P;
+    const bool is_recent = (a >= 1 && map[a - 1] == map[a]) || (a >= 2 && map[a - 2] == map[a]);
+    ahead[c] = {rows[a], is_large && !is_recent ? (bounds_bytes + 63) / 64 + 1 : 0};
   }
 }
 
@@ -131,9 +139,9 @@ Status decode_all(const LevelDesc& d, const uint32_t* words, uint64_t num_words,
   };
   for_groups(p.groups, num_threads, [&](uint32_t g) {
     std::vector<LookupRow> rows;
-    group_rows(d, g, rows);
-    const uint32_t row_bytes = 256 + (d.tables.alphabet + 2) * 4;
-    const GroupRows gr{rows.data(), d.per_token * row_bytes > kL1RowBytes ? (row_bytes - 256 + 63) / 64 + 1 : 0};
+    std::vector<Prefetch> ahead;
+    group_rows(d, g, rows, ahead);
+    const GroupRows gr{rows.data(), ahead.data()};
     std::vector<uint8_t> scratch(8 * d.per_token);  // a token's symbols per lane
     uint8_t* syms = scratch.data();
     const uint64_t* o = offsets.data();

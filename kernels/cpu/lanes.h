@@ -35,8 +35,8 @@ inline uint32_t lane_step(Lane& lane, const LookupRow& row, uint32_t alphabet) {
   const uint64_t next = static_cast<uint64_t>(pair_freq(p)) * (x >> kPrecision) + quantile - pair_low(p);
   // Refill when next < 2^32 and words remain, as a mask (a ternary here compiles to a mispredicting branch). The load
   // at remaining - 1 (or 0) is always in range: after initial_state that index is < num_words, or 0 on kNoWords.
-  const bool has_word = !kChecked || lane.remaining != 0;
-  const uint64_t refill = 0 - static_cast<uint64_t>((next < (1ull << 32)) & has_word);
+  const uint64_t small = 0 - static_cast<uint64_t>(next < (1ull << 32));
+  const uint64_t refill = kChecked ? small & (0 - static_cast<uint64_t>(lane.remaining != 0)) : small;
   const uint64_t word = lane.words[lane.remaining + static_cast<uint32_t>(refill)];
   lane.state = (next << (refill & 32)) | (word & refill);
   lane.remaining += static_cast<uint32_t>(refill);
@@ -47,9 +47,14 @@ inline uint32_t lane_step(Lane& lane, const LookupRow& row, uint32_t alphabet) {
 // they are more than L1 holds (q8: 82 KB), so each visit would miss, and the steps' loads are data-dependent, which
 // no hardware prefetcher predicts. So there, two columns ahead, the whole row is fetched into L1 (measured: +13% on
 // q8, while fetching only the rows' central lines gained nothing; small rows that fit lose ~4%, so they skip it).
+struct Prefetch {
+  LookupRow row;  // the row of column (c + kPrefetchColumns) % per_token, fetched while decoding column c
+  uint32_t lines;  // 64-byte lines of its bounds to fetch with its slots; 0: none
+};
+
 struct GroupRows {
   const LookupRow* rows;
-  uint32_t bound_lines;  // 64-byte lines of a bounds row to prefetch (one more for its alignment); 0: none
+  const Prefetch* ahead;  // per column
 };
 
 constexpr uint32_t kPrefetchColumns = 2;
@@ -68,8 +73,7 @@ template <bool kChecked, uint32_t kLanes>
 inline void decode_columns(Lane* lane, const GroupRows& g, uint32_t c, uint32_t end, uint32_t per_token,
                            uint32_t alphabet, uint8_t* syms) {
   for (; c < end; ++c) {
-    const uint32_t ahead = c + kPrefetchColumns;
-    if (g.bound_lines != 0) prefetch_row(g.rows[ahead < per_token ? ahead : ahead - per_token], g.bound_lines);
+    if (g.ahead[c].lines != 0) prefetch_row(g.ahead[c].row, g.ahead[c].lines);
     const LookupRow row = g.rows[c];
 #pragma GCC unroll 8
     for (uint32_t k = 0; k < kLanes; ++k)

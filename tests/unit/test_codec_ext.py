@@ -89,25 +89,28 @@ def test_cuda_upload_staging_without_a_gpu(tables, level: int) -> None:
     assert _ext.device_tables(entry, "cpu") is batch.tables  # uploaded once per model and device
 
 
-def _skewed_level(alphabet: int, seed: int) -> LevelTables:
+def _skewed_level(layout: KVLayout, seed: int) -> LevelTables:
     """Lossless-shaped tables whose slots hold many symbols each (most frequencies 1, a few huge), so the decoder's
     lookup takes its rare multi-step path, next to ordinary peaked rows."""
     rng = np.random.default_rng(seed)
-    table_map = lossless_map(LAYOUT)
+    table_map = lossless_map(layout)
     num_tables = int(table_map.max()) + 1
-    weights = rng.pareto(0.7, (num_tables, alphabet)) + 1e-9
-    weights[::2] = rng.exponential(1.0, (num_tables - num_tables // 2, alphabet)) ** 6  # peaked rows
+    weights = rng.pareto(0.7, (num_tables, 256)) + 1e-9
+    weights[::2] = rng.exponential(1.0, (num_tables - num_tables // 2, 256)) ** 6  # peaked rows
     freq = freq_from_counts(weights)
-    return LevelTables(1, np.zeros((LAYOUT.num_layers, 2), np.uint16), table_map, Tables(freq))
+    return LevelTables(1, np.zeros((layout.num_layers, 2), np.uint16), table_map, Tables(freq))
 
 
+@pytest.mark.parametrize("head_dim", [16, 32])
 @pytest.mark.parametrize("num_tokens", [31, 32, 45, 256, 300])
-def test_lookup_matches_reference_on_skewed_tables(num_tokens: int) -> None:
+def test_lookup_matches_reference_on_skewed_tables(num_tokens: int, head_dim: int) -> None:
     """Every symbol of every row (rare tails included) decodes as the numpy reference says, whatever lane
-    grouping the stream count gives (8, 4 and single lanes, short tail blocks)."""
-    entry = _skewed_level(256, num_tokens)
+    grouping the stream count gives (8, 4 and single lanes, short tail blocks); head_dim 32 makes the rows large
+    enough for the decoder to prefetch them."""
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=head_dim, dtype="bfloat16", tokens_per_chunk=32)
+    entry = _skewed_level(layout, num_tokens)
     rng = np.random.default_rng(num_tokens)
-    shape = (LAYOUT.num_layers, 2, LAYOUT.num_kv_heads, num_tokens, entry.table_map.shape[-1])
+    shape = (layout.num_layers, 2, layout.num_kv_heads, num_tokens, entry.table_map.shape[-1])
     ids = np.broadcast_to(entry.table_map[:, :, :, None, :], shape)
     quantile = rng.integers(0, 1 << PRECISION, shape)  # symbols drawn by their own tables' probabilities
     symbols = _draw(entry, ids, quantile)
