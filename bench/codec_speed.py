@@ -101,7 +101,7 @@ def _load_baseline(path: str):
 
 
 def _baseline_decode(module, words, sizes, entry, shape, fused):
-    """decode() of the extension before commit "bounds lookup": slots only, no bounds argument (the old signature)."""
+    """decode() of another build: with the bounds argument (097779d on), or without it (the old signature)."""
     import numpy as np
 
     from cachegen.codec import _ext
@@ -110,8 +110,11 @@ def _baseline_decode(module, words, sizes, entry, shape, fused):
     dim = shape[4] if fused or fused is None else shape[4] // 2
     out = np.empty(shape[:4] + (dim,), np.int32 if fused is None else np.uint16)
     scales, bins = (np.ascontiguousarray(f, "<u2") for f in fused) if fused else (None, None)
-    status, _ = module.decode(args, table_map, freq, cum, entry.slots, words, sizes, scales, bins, out,
-                              0 if fused is None else 1, 1)  # fmt: skip
+    rest = (words, sizes, scales, bins, out, 0 if fused is None else 1, 1)
+    try:
+        status, _ = module.decode(args, table_map, freq, cum, entry.slots, entry.bounds, *rest)
+    except TypeError:  # a build before 097779d: no bounds argument
+        status, _ = module.decode(args, table_map, freq, cum, entry.slots, *rest)
     return out, status
 
 
