@@ -74,9 +74,15 @@ LEVELS: tuple[Level, ...] = (
     Level(3, "q32", False),
     Level(4, "default", False),
     Level(5, "small", False),
+    Level(6, "pca3", False),
+    Level(7, "pca2", False),
 )
-"""Level 0 stores the engine's KV values as they are (bf16 for SmolLM2); coded levels follow, largest first.
-Levels 1-5 are rANS-coded with per-model tables (``cachegen calibrate``); FORMAT.md §5 defines each."""
+"""Level 0 stores the engine's KV values as they are (bf16 for SmolLM2); coded levels follow. Levels 1-5 are
+rANS-coded with per-model tables (``cachegen calibrate``), 6-7 transform-coded with a per-model transform
+(calibrated with the model); FORMAT.md §5 defines each."""
+
+LOSSY_ORDER: tuple[str, ...] = ("q8", "pca3", "q32", "pca2", "default", "small")
+"""Lossy levels from most to least faithful, by measured fidelity (README's codec table), not by id."""
 
 LEVEL_BY_NAME = {level.name: level for level in LEVELS}
 RAW_LEVEL = LEVELS[0]
@@ -148,9 +154,9 @@ def chunk_keys(
 
 def level_quality(level_id: int) -> int:
     """The planner's order of levels, higher is better: every exact level ranks above every lossy one, and exact
-    levels tie (same values: the planner takes whichever arrives first); lossy levels follow in ``LEVELS`` order
-    (larger, finer first)."""
-    lossy = [level.id for level in LEVELS if not level.is_lossless]
+    levels tie (same values: the planner takes whichever arrives first); lossy levels follow
+    (``LOSSY_ORDER``, finest first)."""
+    lossy = [LEVEL_BY_NAME[name].id for name in LOSSY_ORDER]
     if any(level.id == level_id and level.is_lossless for level in LEVELS):
         return len(lossy) + 1
     if level_id not in lossy:

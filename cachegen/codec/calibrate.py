@@ -12,6 +12,7 @@ from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.codec.rans import Tables
 from cachegen.codec.tables import CodecTables, LevelTables, freq_from_counts
 from cachegen.codec.tensors import check_kv, kv_bits, kv_values
+from cachegen.codec.transform import Transform, quantize
 from cachegen.spec import KVLayout
 
 PSEUDO_COUNT = 0.05
@@ -38,8 +39,19 @@ def symbols_of(kv: torch.Tensor, bins: np.ndarray | None) -> tuple[np.ndarray, n
     return quant.quantize(values, scales, bins), scales
 
 
+def level_symbols(kv: torch.Tensor, level: int, bins: np.ndarray | None, transform: Transform | None) -> np.ndarray:
+    """Symbols (L, 2, H, T, P) of ``kv`` at ``level`` as its frames code them (context position 0)."""
+    if transform is not None and SCHEME_BY_LEVEL[level].is_transform:
+        return quantize(kv, transform, level, 0)[0]
+    return symbols_of(kv, bins)[0]
+
+
 def _level_tables(
-    samples: Sequence[torch.Tensor], level: int, layout: KVLayout, sensitivity: np.ndarray | None
+    samples: Sequence[torch.Tensor],
+    level: int,
+    layout: KVLayout,
+    sensitivity: np.ndarray | None,
+    transform: Transform | None = None,
 ) -> LevelTables:
     scheme = SCHEME_BY_LEVEL[level]
     bins = scheme.bins(layout.num_layers, sensitivity)
@@ -53,7 +65,7 @@ def _level_tables(
     num_tables = int(table_map.max()) + 1
     counts = np.zeros(num_tables * alphabet, np.float64)
     for kv in samples:
-        symbols, _ = symbols_of(kv, None if scheme.is_lossless else bins)
+        symbols = level_symbols(kv, level, None if scheme.is_lossless else bins, transform)
         ids = np.broadcast_to(table_map[:, :, :, None, :], symbols.shape)
         counts += np.bincount((ids.astype(np.int64) * alphabet + symbols).ravel(), minlength=counts.size)
     counts = counts.reshape(num_tables, alphabet)
@@ -65,17 +77,26 @@ def _level_tables(
 
 
 def calibrate(
-    samples: Sequence[torch.Tensor], layout: KVLayout, model_id: bytes, sensitivity: np.ndarray | None = None
+    samples: Sequence[torch.Tensor],
+    layout: KVLayout,
+    model_id: bytes,
+    sensitivity: np.ndarray | None = None,
+    transform: Transform | None = None,
 ) -> CodecTables:
     """Tables for every coded level from KV samples of shape ``layout.shape(tokens)`` (any token counts).
 
     ``sensitivity`` (layers, 2): how much each (layer, K|V) group's quantization error costs the model
-    (``cachegen.codec.sensitivity``); levels with ``mean_bins`` then share their bins out by it."""
+    (``cachegen.codec.sensitivity``); levels with ``mean_bins`` then share their bins out by it. ``transform``
+    (``cachegen.codec.transform_fit``, needs the model) adds the transform-coded levels it has steps for."""
     if not samples:
         raise ValueError("calibration needs at least one KV sample")
     for kv in samples:
         check_kv(kv, layout, "sample")
     # 16-bit dtypes only for the lossless level: its symbols are the two bytes of each value.
-    wanted = [lv for lv in sorted(SCHEME_BY_LEVEL) if not SCHEME_BY_LEVEL[lv].is_lossless or layout.dtype != "float32"]
-    levels = tuple(_level_tables(samples, level, layout, sensitivity) for level in wanted)
-    return CodecTables(layout, bytes(model_id), levels)
+    steps = transform.steps if transform is not None else {}
+    wanted = [
+        level for level, scheme in sorted(SCHEME_BY_LEVEL.items())
+        if (not scheme.is_lossless or layout.dtype != "float32") and (not scheme.is_transform or level in steps)
+    ]  # fmt: skip
+    levels = tuple(_level_tables(samples, level, layout, sensitivity, transform) for level in wanted)
+    return CodecTables(layout, bytes(model_id), levels, transform)

@@ -6,11 +6,12 @@ import numpy as np
 
 from cachegen.codec import quant, rans
 from cachegen.codec.bitstream import Frame, expect_sections
+from cachegen.codec.levels import Scheme
 from cachegen.codec.tables import LevelTables
 from cachegen.errors import FormatError
 from cachegen.spec import KVLayout
 
-SECTION_TABLES_ID, SECTION_SCALES, SECTION_STREAM_SIZES, SECTION_WORDS = 2, 3, 4, 5
+SECTION_TABLES_ID, SECTION_SCALES, SECTION_STREAM_SIZES, SECTION_WORDS, SECTION_ESCAPES = 2, 3, 4, 5, 6
 
 
 def num_blocks(num_tokens: int) -> int:
@@ -71,13 +72,16 @@ def decode_symbols(sizes: np.ndarray, words: np.ndarray, level: LevelTables, sha
     return out.reshape(shape)
 
 
-def check_sections(frame: Frame, layout: KVLayout, is_lossless: bool) -> None:
-    """Section kinds of a coded frame and the sizes they must have (FORMAT.md §5.4)."""
+def check_sections(frame: Frame, layout: KVLayout, scheme: Scheme) -> None:
+    """Section kinds of a coded frame and the sizes they must have (FORMAT.md §5.4, §5.5)."""
     header = frame.header
     streams = layout.num_layers * 2 * layout.num_kv_heads * num_blocks(header.num_tokens)
-    kinds = [SECTION_TABLES_ID] + ([] if is_lossless else [SECTION_SCALES]) + [SECTION_STREAM_SIZES, SECTION_WORDS]
-    sizes = [16] + ([] if is_lossless else [layout.num_layers * 2 * header.num_tokens * 2]) + [4 * streams, None]
-    expect_sections(frame, kinds, sizes)
+    if scheme.is_transform:  # the ESCAPES size depends on its own count: transform_frame checks it
+        middle: list[tuple[int, int | None]] = [(SECTION_ESCAPES, None)]
+    else:
+        middle = [] if scheme.is_lossless else [(SECTION_SCALES, layout.num_layers * 2 * header.num_tokens * 2)]
+    pairs = [(SECTION_TABLES_ID, 16), *middle, (SECTION_STREAM_SIZES, 4 * streams), (SECTION_WORDS, None)]
+    expect_sections(frame, [kind for kind, _ in pairs], [size for _, size in pairs])
 
 
 def check_symbol_range(symbols: np.ndarray, bins: np.ndarray, offset: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cachegen.codec import _ext, coded, quant
+from cachegen.codec import _ext, coded, quant, transform_frame
 from cachegen.codec.bitstream import Frame, FrameHeader, check_identity, parse_frame, read_header
 from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.codec.raw import decode_raw
@@ -52,10 +52,15 @@ def _decode_coded(
 ) -> torch.Tensor:
     header = frame.header
     scheme = SCHEME_BY_LEVEL[header.level]
-    coded.check_sections(frame, layout, scheme.is_lossless)
+    coded.check_sections(frame, layout, scheme)
     entry = _tables_for(view, frame, tables)
-    sizes, words, scales = _payload(view, frame, layout, scheme.is_lossless)
+    sizes, words, scales = _payload(view, frame, layout, scheme.is_lossless or scheme.is_transform)
     at = frame.sections[-1].offset
+    if scheme.is_transform:
+        assert tables is not None  # _tables_for found the level
+        symbols = _symbols(words, sizes, entry, header.num_tokens, use_ext, at)
+        values = transform_frame.decode_values(symbols, tables, header.level, frame, view, layout)
+        return output_tensor(layout, header.num_tokens, out).copy_(values)
     shape = (layout.num_layers, 2, layout.num_kv_heads, header.num_tokens, entry.table_map.shape[-1])
     is_16bit_out = layout.dtype == "bfloat16" or scheme.is_lossless  # what the fused kernels write
     fused = () if scales is None else (scales, entry.bins)
@@ -73,6 +78,20 @@ def _decode_coded(
         return write_bits(target, quant.join_bytes(symbols))
     coded.check_symbol_range(symbols, entry.bins, at)
     return write_values(target, quant.dequantize(symbols, scales, entry.bins))
+
+
+def _symbols(
+    words: np.ndarray, sizes: np.ndarray, entry: LevelTables, num_tokens: int, use_ext: bool, at: int
+) -> np.ndarray:
+    """(L, 2, H, T, P) symbols of the frame's streams, each within its level's bins (FORMAT.md §6 rule 7)."""
+    shape = entry.table_map.shape[:3] + (num_tokens, entry.table_map.shape[-1])
+    if use_ext:
+        symbols, status, bad = _ext.decode(words, sizes, entry, shape, None)
+        _raise_status(status, bad, at)
+    else:
+        symbols = coded.decode_symbols(sizes, words, entry, shape)
+    coded.check_symbol_range(symbols, entry.bins, at)
+    return symbols
 
 
 def _tables_for(view: memoryview, frame: Frame, tables: CodecTables | None) -> LevelTables:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from cachegen.codec import _ext, coded
+from cachegen.codec import _ext, coded, transform
 from cachegen.codec.bitstream import MAX_FRAME_TOKENS, MAX_MODEL_ID_BYTES, FrameHeader, pack_frame
 from cachegen.codec.calibrate import symbols_of
 from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.codec.raw import encode_raw
 from cachegen.codec.tables import CodecTables, LevelTables
 from cachegen.codec.tensors import check_kv, kv_bits
+from cachegen.codec.transform_frame import escapes_payload
 from cachegen.errors import InvalidRequest, LayoutMismatch
 from cachegen.spec import LEVELS, RAW_LEVEL, KVLayout
 
@@ -43,7 +44,7 @@ def encode(
         return pack_frame(header, encode_raw(kv_bits(kv)))
     entry = _level_tables(tables, layout, model_id, level)
     assert tables is not None  # _level_tables raised otherwise
-    return pack_frame(header, _coded_sections(kv, layout, entry, tables.id, _use_ext(backend)))
+    return pack_frame(header, _coded_sections(kv, entry, tables, token_start, _use_ext(backend)))
 
 
 def _level_tables(tables: CodecTables | None, layout: KVLayout, model_id: bytes, level: int) -> LevelTables:
@@ -66,15 +67,21 @@ def _use_ext(backend: str) -> bool:
 
 
 def _coded_sections(
-    kv: torch.Tensor, layout: KVLayout, entry: LevelTables, tables_id: bytes, use_ext: bool
+    kv: torch.Tensor, entry: LevelTables, tables: CodecTables, token_start: int, use_ext: bool
 ) -> Sections:
-    """Sections of a coded frame (FORMAT.md §5.4): tables id, [scales], stream sizes, words."""
+    """Sections of a coded frame (FORMAT.md §5.4, §5.5): tables id, [scales | escapes], stream sizes, words."""
     scheme = SCHEME_BY_LEVEL[entry.level]
     if not scheme.is_lossless and not bool(torch.isfinite(kv).all()):
         raise InvalidRequest("lossy levels need finite KV values (found inf or NaN)")
-    symbols, scales = symbols_of(kv, entry.quant_bins)
+    sections: Sections = [(coded.SECTION_TABLES_ID, tables.id)]
+    if scheme.is_transform:
+        assert tables.transform is not None  # for_level() offers transform levels only with a transform
+        symbols, escaped = transform.quantize(kv, tables.transform, entry.level, token_start)
+        sections.append((coded.SECTION_ESCAPES, escapes_payload(kv, escaped)))
+        scales = None
+    else:
+        symbols, scales = symbols_of(kv, entry.quant_bins)
     sizes, words = _ext.encode_symbols(symbols, entry) if use_ext else coded.encode_symbols(symbols, entry)
-    sections: Sections = [(coded.SECTION_TABLES_ID, tables_id)]
     if scales is not None:
         sections.append((coded.SECTION_SCALES, scales.astype("<u2").tobytes()))
     sections.append((coded.SECTION_STREAM_SIZES, sizes.astype("<u4").tobytes()))

@@ -42,13 +42,26 @@ class Scheme:
     key_bins: tuple[int, int, int] = (0, 0, 0)
     value_bins: tuple[int, int] = (0, 0)
     mean_bins: int = 0
+    target_bits: float = 0.0
+    """> 0: a transform-coded level (FORMAT.md §5.5) whose steps calibration sets for this many bits/value of
+    calibration KV (new text codes ~0.25 bits/value above it: its tables fit it less well, sinks go raw)."""
+    range_margin: float = 1.0
+    """Transform levels: steps stay coarse enough for this many times the largest calibration coefficient to fit
+    127 steps; tokens beyond travel raw. Measured: 0.8 suits pca2 (a higher floor cost it 35% more KL at equal
+    bits), while pca3's finer steps need 1.2 (at 0.8 so many tokens went raw that it took 5.6 bits/value)."""
+
+    @property
+    def is_transform(self) -> bool:
+        return self.target_bits > 0
 
     @property
     def is_lossless(self) -> bool:
-        return self.key_bins == (0, 0, 0)
+        return self.key_bins == (0, 0, 0) and not self.is_transform
 
     def bins(self, num_layers: int, sensitivity: np.ndarray | None = None) -> np.ndarray:
         """(layers, 2) uint16 bins; every entry even and in [4, 256] for quantized levels, 0 for lossless."""
+        if self.is_transform:
+            return np.full((num_layers, 2), 256, np.uint16)  # symbols 0..254: q + 127 (transform.py)
         if self.mean_bins and sensitivity is not None and not self.is_lossless:
             root = np.sqrt(np.maximum(np.asarray(sensitivity, np.float64), 1e-12))
             return np.clip(2 * np.rint(self.mean_bins / 2 * root / root.mean()), 4, 256).astype(np.uint16)
@@ -67,5 +80,7 @@ SCHEMES: tuple[Scheme, ...] = (
     Scheme("q32", (32, 32, 32), (32, 32)),
     Scheme("default", (24, 24, 24), (12, 12), mean_bins=16),
     Scheme("small", (24, 24, 24), (8, 8), mean_bins=12),
+    Scheme("pca3", target_bits=2.6, range_margin=1.2),
+    Scheme("pca2", target_bits=1.75, range_margin=0.8),
 )
 SCHEME_BY_LEVEL: dict[int, Scheme] = {LEVEL_BY_NAME[s.name].id: s for s in SCHEMES}

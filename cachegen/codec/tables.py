@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from cachegen.codec.bitstream import DTYPE_CODES, DTYPE_NAMES, crc32
+from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.codec.rans import TOTAL, Tables
+from cachegen.codec.transform import Transform, read_transform
 from cachegen.errors import FormatError
 from cachegen.spec import KVLayout
 
@@ -66,6 +68,8 @@ class CodecTables:
     layout: KVLayout
     model_id: bytes
     levels: tuple[LevelTables, ...]
+    transform: Transform | None = None
+    """The per-model transform of the transform-coded levels (FORMAT.md §8.1); None: those levels are absent."""
     id: bytes = field(init=False, default=b"")
     """16 bytes naming these exact tables (FORMAT.md §8): BLAKE2b-128 of ``to_bytes()``; frames carry it."""
 
@@ -74,7 +78,11 @@ class CodecTables:
         object.__setattr__(self, "id", hashlib.blake2b(self.to_bytes(), digest_size=16).digest())
 
     def for_level(self, level: int) -> LevelTables | None:
-        return next((entry for entry in self.levels if entry.level == level), None)
+        """The level's tables; None when absent, or a transform level without its steps in ``transform``."""
+        entry = next((entry for entry in self.levels if entry.level == level), None)
+        if entry is not None and SCHEME_BY_LEVEL[level].is_transform:
+            return entry if self.transform is not None and level in self.transform.steps else None
+        return entry
 
     def to_bytes(self) -> bytes:
         layout = self.layout
@@ -88,6 +96,8 @@ class CodecTables:
             parts.append(_LEVEL.pack(entry.level, freq.shape[1], freq.shape[0], entry.table_map.shape[-1]))
             parts += [entry.bins.astype("<u2").tobytes(), entry.table_map.astype("<u4").tobytes()]
             parts.append(freq.astype("<u4").tobytes())
+        if self.transform is not None:
+            parts.append(self.transform.to_bytes())
         body = b"".join(parts)
         return body + struct.pack("<I", crc32(body))
 
@@ -127,13 +137,16 @@ def load_tables(data: bytes) -> CodecTables:
     model_id = reader.take(id_len, "model_id")
     (num_levels,) = struct.unpack("<H", reader.take(2, "num_levels"))
     levels = tuple(_read_level(reader, layout) for _ in range(num_levels))
+    transform = read_transform(reader.take, layout) if reader.at < len(reader.data) else None
     if reader.at != len(reader.data):
         raise FormatError("tables_size", reader.at, len(data), "trailing bytes")
-    return CodecTables(layout, model_id, levels)
+    return CodecTables(layout, model_id, levels, transform)
 
 
 def _read_level(reader: _Reader, layout: KVLayout) -> LevelTables:
     level, alphabet, num_tables, per_token = _LEVEL.unpack(reader.take(_LEVEL.size, "level"))
+    if level not in SCHEME_BY_LEVEL:
+        raise FormatError("level", reader.at, level, f"no coded level {level}")
     if per_token not in (layout.head_dim, 2 * layout.head_dim) or not 2 <= alphabet <= 256:
         raise FormatError("level_shape", reader.at, (alphabet, per_token), "alphabet 2..256, P = dim or 2*dim")
     bins = reader.array(layout.num_layers * 2, "<u2", "bins").reshape(layout.num_layers, 2)

@@ -53,6 +53,8 @@ def build() -> dict[str, tuple[bytes, str]]:
     lossless = encode(kv, SMALL, MODEL, level=1, tables=tables)
     q32 = encode(kv, SMALL, MODEL, level=3, tables=tables)
     words_end = len(q32) - 4
+    pca_tables = calibrate([small_kv(64, 1), small_kv(64, 2)], SMALL, MODEL, transform=_tiny_transform())
+    pca2 = encode(kv, SMALL, MODEL, level=7, tables=pca_tables)  # token_start 0: tokens 0-3 escaped (sinks)
     return {
         "raw_tiny.bin": (raw, "ok"),
         "tables_small.cgct": (tables.to_bytes(), "tables"),
@@ -73,13 +75,30 @@ def build() -> dict[str, tuple[bytes, str]]:
         "bad_stream_sizes.bin": (edited(q32, _sizes_offset(q32), "<I", 0xFFFFFFFF, True), "stream_sizes"),
         "bad_rans_state.bin": (edited(q32, words_end - 8, "<I", 0x12345, True), "rans_final_state"),
         "wrong_model.bin": (encode(kv, SMALL, b"other", level=0), "mismatch"),
+        # Levels 6-7 (FORMAT.md §5.5): their decode is exact only to f32 rounding, so "transform" entries are
+        # checked by the Python tests within a tolerance; the C++ golden test covers levels 0-5.
+        "tables_small_pca.cgct": (pca_tables.to_bytes(), "tables"),
+        "pca2_small.bin": (pca2, "transform"),
+        "pca2_small_decoded.bin": (b"", "values"),  # filled in by the writer from the reference decoder
+        "transform_bad_escapes.bin": (edited(pca2, _section_offset(pca2, 1), "<I", 41, True), "escapes"),
     }
 
 
 def _sizes_offset(frame: bytes) -> int:
+    return _section_offset(frame, -2)
+
+
+def _section_offset(frame: bytes, index: int) -> int:
     from cachegen.codec.bitstream import parse_frame
 
-    return parse_frame(frame).sections[-2].offset
+    return parse_frame(frame).sections[index].offset
+
+
+def _tiny_transform():
+    """PCA of two KV samples in the plain metric, steps 0.05 (level 6) and 0.2 (level 7), rotary base 10000."""
+    from tests.unit.codec_fixtures import tiny_transform
+
+    return tiny_transform([small_kv(64, 1), small_kv(64, 2)], SMALL)
 
 
 def main() -> None:
@@ -89,6 +108,9 @@ def main() -> None:
     tables = load_tables(entries["tables_small.cgct"][0])
     decoded = decode(entries["q32_small.bin"][0], SMALL, MODEL, tables=tables, backend="reference")
     entries["q32_small_decoded.bin"] = (decoded.view(torch.int16).numpy().tobytes(), "values")
+    pca_tables = load_tables(entries["tables_small_pca.cgct"][0])
+    decoded = decode(entries["pca2_small.bin"][0], SMALL, MODEL, tables=pca_tables, backend="reference")
+    entries["pca2_small_decoded.bin"] = (decoded.view(torch.int16).numpy().tobytes(), "values")
     lines = []
     for name, (data, expect) in entries.items():
         (HERE / name).write_bytes(data)

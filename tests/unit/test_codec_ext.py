@@ -17,6 +17,7 @@ from cachegen.codec.tables import LevelTables, freq_from_counts
 from cachegen.errors import FormatError
 from cachegen.spec import KVLayout
 from tests.golden.make_golden import reseal
+from tests.unit.codec_fixtures import tiny_transform
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpu(), reason="C++ extension not built (pip install -e .)")
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16", tokens_per_chunk=32)
@@ -30,7 +31,8 @@ def make_kv(num_tokens: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tables():
-    return calibrate([make_kv(32, 1), make_kv(32, 2)], LAYOUT, MODEL)
+    samples = [make_kv(32, 1), make_kv(32, 2)]
+    return calibrate(samples, LAYOUT, MODEL, transform=tiny_transform(samples, LAYOUT))
 
 
 def test_extension_constants_match_spec() -> None:

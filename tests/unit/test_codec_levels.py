@@ -1,4 +1,4 @@
-"""Coded levels 1-5: calibration, exact lossless round trip, stated error bounds, typed errors on bad frames."""
+"""Coded levels 1-7: calibration, exact lossless round trip, stated error bounds, typed errors on bad frames."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.errors import FormatError, InvalidRequest, LayoutMismatch
 from cachegen.spec import LEVEL_BY_NAME, KVLayout
 from tests.golden.make_golden import reseal
+from tests.unit.codec_fixtures import tiny_transform
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16", tokens_per_chunk=32)
 MODEL = b"model-fingerprint"
@@ -31,7 +32,8 @@ def make_kv(num_tokens: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tables():
-    return calibrate([make_kv(32, 1), make_kv(32, 2)], LAYOUT, MODEL)
+    samples = [make_kv(32, 1), make_kv(32, 2)]
+    return calibrate(samples, LAYOUT, MODEL, transform=tiny_transform(samples, LAYOUT))
 
 
 def test_tables_serialize_round_trip(tables) -> None:
@@ -47,7 +49,9 @@ def test_lossless_is_bit_identical(tables) -> None:
     assert torch.equal(decode(frame, LAYOUT, MODEL, tables=tables).view(torch.int16), kv.view(torch.int16))
 
 
-@pytest.mark.parametrize("level", [lv for lv in CODED if not SCHEME_BY_LEVEL[lv].is_lossless])
+@pytest.mark.parametrize(
+    "level", [lv for lv in CODED if not (SCHEME_BY_LEVEL[lv].is_lossless or SCHEME_BY_LEVEL[lv].is_transform)]
+)
 def test_lossy_error_within_stated_bound(tables, level: int) -> None:
     kv = make_kv(45, 4)
     frame = encode(kv, LAYOUT, MODEL, level, tables=tables)
@@ -60,9 +64,12 @@ def test_lossy_error_within_stated_bound(tables, level: int) -> None:
 
 
 def test_levels_are_ordered_by_size(tables) -> None:
+    """Levels 1-5 shrink with their id; each family of transform-coded levels shrinks with its step."""
     kv = make_kv(64, 5)
-    sizes = [len(encode(kv, LAYOUT, MODEL, level, tables=tables)) for level in CODED]
-    assert sizes == sorted(sizes, reverse=True)
+    for family in ([lv for lv in CODED if not SCHEME_BY_LEVEL[lv].is_transform],
+                   [lv for lv in CODED if SCHEME_BY_LEVEL[lv].is_transform]):  # fmt: skip
+        sizes = [len(encode(kv, LAYOUT, MODEL, level, tables=tables)) for level in family]
+        assert sizes == sorted(sizes, reverse=True)
 
 
 def test_all_zero_vector_has_no_nan(tables) -> None:

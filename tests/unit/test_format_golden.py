@@ -66,3 +66,18 @@ def test_bad_frames_report_their_field(name: str, field: str, backend: str) -> N
 def test_wrong_model_frame_is_layout_mismatch() -> None:
     with pytest.raises(LayoutMismatch):
         decode(read("wrong_model.bin"), SMALL, MODEL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transform_frame_decodes_within_rounding_of_golden(backend: str) -> None:
+    """Level 7 (FORMAT.md §5.5) decodes exactly to f32 rounding: within one bf16 step of the golden output, the
+    escaped sink tokens 0-3 bit for bit; the malformed ESCAPES count is rejected by name."""
+    tables = load_tables(read("tables_small_pca.cgct"))
+    got = decode(read("pca2_small.bin"), SMALL, MODEL, tables=tables, backend=backend).float()
+    want = torch.from_numpy(np.frombuffer(read("pca2_small_decoded.bin"), np.int16).copy()).view(torch.bfloat16)
+    want = want.reshape(SMALL.shape(40)).float()
+    assert torch.all((got - want).abs() <= want.abs() * 2.0**-7 + 1e-6)
+    assert torch.equal(got[:, :, :, :4], small_kv()[:, :, :, :4].float())
+    with pytest.raises(FormatError) as info:
+        decode(read("transform_bad_escapes.bin"), SMALL, MODEL, tables=tables, backend=backend)
+    assert info.value.field == "escapes"

@@ -1,0 +1,160 @@
+"""Transform-coded levels (FORMAT.md §5.5): KV -> per-model linear transform -> uniform steps -> symbols, and back.
+
+Per (layer, K|V) every token is one vector ``x`` of ``H * D`` values (heads concatenated); keys first lose their
+rotary embedding, so that the same channel means the same thing at every position. The encoder codes
+``y = (x - mean) @ inverse(decode_matrix)`` as ``rint(y / step)``; the decoder computes ``(q * step) @
+decode_matrix + mean`` and rotates keys back. ``cachegen.codec.transform_fit`` derives the matrix (PCA in a
+metric that weighs each direction by what an error there costs attention), so most coefficients need few bits.
+Tokens that the steps cannot hold (a coefficient beyond ``MAX_COEFFICIENT`` steps) and the first
+``num_sinks`` positions of a context (attention sinks, far outside the calibrated distribution) travel raw.
+Correctness never depends on the transform fitting the model: any invertible matrix decodes to within the
+bound of ``error_bound``; a good one only makes the frame smaller.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cachegen.errors import FormatError
+from cachegen.spec import KVLayout
+
+MAX_COEFFICIENT = 127
+"""Symbols are ``q + 127`` for ``q`` in [-127, 127]: alphabet 255, ``bins`` 256 in the tables."""
+TRANSFORM_BINS = 2 * MAX_COEFFICIENT + 2
+_HEAD = struct.Struct("<4sHHI")  # magic, num_levels, reserved, num_sinks
+TRANSFORM_MAGIC = b"CGTX"
+
+
+@dataclass(slots=True, frozen=True)
+class Transform:
+    """The per-model transform, shared by every transform-coded level of one tables file (FORMAT.md §8.1).
+
+    ``mean`` (L, 2, H*D) and ``decode_matrix`` (L, 2, H*D, H*D) float32; ``inv_freq`` (D/2,) float32: the
+    rotary frequencies of the keys (pairs (i, i + D/2)); ``steps`` maps level id -> (L, 2, W) float32 step > 0
+    per coefficient.
+    """
+
+    mean: np.ndarray
+    decode_matrix: np.ndarray
+    inv_freq: np.ndarray
+    num_sinks: int
+    steps: dict[int, np.ndarray]
+    encode_matrix: np.ndarray = field(init=False, repr=False, compare=False)
+    """Derived, not stored: the inverse of ``decode_matrix`` (f64 inversion). Encoders need not agree bit for bit."""
+
+    def __post_init__(self) -> None:
+        inverse = np.linalg.inv(self.decode_matrix.astype(np.float64)).astype(np.float32)
+        object.__setattr__(self, "encode_matrix", inverse)
+
+    def to_bytes(self) -> bytes:
+        parts = [_HEAD.pack(TRANSFORM_MAGIC, len(self.steps), 0, self.num_sinks)]
+        for level in sorted(self.steps):
+            parts += [struct.pack("<B", level), self.steps[level].astype("<f4").tobytes()]
+        parts += [a.astype("<f4").tobytes() for a in (self.inv_freq, self.mean, self.decode_matrix)]
+        return b"".join(parts)
+
+
+def read_transform(take, layout: KVLayout) -> Transform:
+    """Parse a transform record with ``take(size, field) -> bytes`` (a bounds-checked reader of untrusted bytes)."""
+    magic, num_levels, reserved, num_sinks = _HEAD.unpack(take(_HEAD.size, "transform"))
+    if magic != TRANSFORM_MAGIC or reserved or not 1 <= num_levels <= 255:
+        raise FormatError("transform", 0, (magic, num_levels, reserved), "not a transform record")
+    layers, width, dim = layout.num_layers, layout.num_kv_heads * layout.head_dim, layout.head_dim
+    if dim % 2:
+        raise FormatError("transform", 0, dim, "rotary pairs need an even head_dim")
+
+    def floats(count: int, name: str) -> np.ndarray:
+        values = np.frombuffer(take(4 * count, name), "<f4").astype(np.float32)
+        if not np.isfinite(values).all():
+            raise FormatError(name, 0, "non-finite", "transform values must be finite")
+        return values
+
+    steps = {}
+    for _ in range(num_levels):
+        (level,) = struct.unpack("<B", take(1, "transform.level"))
+        steps[level] = floats(layers * 2 * width, "transform.steps").reshape(layers, 2, width)
+        if not (steps[level] > 0).all():
+            raise FormatError("transform.steps", 0, float(steps[level].min()), "steps must be > 0")
+    inv_freq = floats(dim // 2, "transform.inv_freq")
+    mean = floats(layers * 2 * width, "transform.mean").reshape(layers, 2, width)
+    matrix = floats(layers * 2 * width * width, "transform.decode_matrix").reshape(layers, 2, width, width)
+    if np.linalg.cond(matrix.astype(np.float64)).max() > 1e6:
+        raise FormatError("transform.decode_matrix", 0, "singular", "decode matrices must be well conditioned")
+    return Transform(mean, matrix, inv_freq, int(num_sinks), steps)
+
+
+def rotary(inv_freq: np.ndarray, token_start: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, D/2) float32 of angle ``(token_start + t) * inv_freq[i]``, computed in float64."""
+    positions = torch.arange(token_start, token_start + num_tokens, dtype=torch.float64)
+    angle = positions[:, None] * torch.from_numpy(inv_freq.astype(np.float64))[None, :]
+    return angle.cos().float(), angle.sin().float()
+
+
+def _rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) of ``keys`` (..., T, D) by ``sign`` times their angle."""
+    half = keys.shape[-1] // 2
+    a, b = keys[..., :half], keys[..., half:]
+    return torch.cat([a * cos - sign * b * sin, b * cos + sign * a * sin], -1)
+
+
+def to_vectors(kv: torch.Tensor, inv_freq: np.ndarray, token_start: int) -> torch.Tensor:
+    """(L, 2, H, T, D) KV -> (L, 2, T, H*D) float32 with the keys' rotation undone."""
+    x = kv.detach().to("cpu", torch.float32)
+    cos, sin = rotary(inv_freq, token_start, x.shape[3])
+    x = torch.stack([_rotate(x[:, 0], cos, sin, -1.0), x[:, 1]], 1)
+    layers, _, heads, tokens, dim = x.shape
+    return x.permute(0, 1, 3, 2, 4).reshape(layers, 2, tokens, heads * dim)
+
+
+def from_vectors(x: torch.Tensor, layout: KVLayout, inv_freq: np.ndarray, token_start: int) -> torch.Tensor:
+    """Inverse of ``to_vectors``: (L, 2, T, H*D) float32 -> (L, 2, H, T, D) float32, keys rotated back."""
+    layers, _, tokens, _ = x.shape
+    x = x.reshape(layers, 2, tokens, layout.num_kv_heads, layout.head_dim).permute(0, 1, 3, 2, 4)
+    cos, sin = rotary(inv_freq, token_start, tokens)
+    return torch.stack([_rotate(x[:, 0], cos, sin, 1.0), x[:, 1]], 1).contiguous()
+
+
+def coefficients(x: torch.Tensor, transform: Transform) -> torch.Tensor:
+    """(L, 2, T, W) vectors -> (L, 2, T, W) coefficients ``(x - mean) @ encode_matrix``."""
+    return (x - torch.from_numpy(transform.mean)[:, :, None]) @ torch.from_numpy(transform.encode_matrix)
+
+
+def quantize(kv: torch.Tensor, transform: Transform, level: int, token_start: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symbols (L, 2, H, T, D) int32 and the sorted token indices that must travel raw (FORMAT.md §5.5)."""
+    x = to_vectors(kv, transform.inv_freq, token_start)
+    step = torch.from_numpy(transform.steps[level])[:, :, None]
+    q = torch.round(coefficients(x, transform) / step)  # round half to even, as rint
+    sinks = np.arange(x.shape[2]) + token_start < transform.num_sinks
+    escaped = np.flatnonzero(sinks | (q.abs() > MAX_COEFFICIENT).any(dim=(0, 1, 3)).numpy())
+    q[:, :, escaped] = 0
+    layers, _, tokens, _ = q.shape
+    symbols = (q.to(torch.int32) + MAX_COEFFICIENT).reshape(layers, 2, tokens, -1, kv.shape[4])
+    return symbols.permute(0, 1, 3, 2, 4).contiguous().numpy(), escaped.astype(np.uint16)
+
+
+def dequantize(symbols: np.ndarray, transform: Transform, level: int, layout: KVLayout, token_start: int):
+    """float32 KV (L, 2, H, T, D) of symbols (L, 2, H, T, D): ``(s - 127) * step @ decode_matrix + mean``."""
+    q = torch.from_numpy(symbols.astype(np.float32) - MAX_COEFFICIENT)
+    layers, _, heads, tokens, dim = q.shape
+    y = q.permute(0, 1, 3, 2, 4).reshape(layers, 2, tokens, heads * dim)
+    y = y * torch.from_numpy(transform.steps[level])[:, :, None]
+    x = y @ torch.from_numpy(transform.decode_matrix) + torch.from_numpy(transform.mean)[:, :, None]
+    return from_vectors(x, layout, transform.inv_freq, token_start)
+
+
+def error_bound(transform: Transform, level: int) -> np.ndarray:
+    """(L, 2, H*D) largest |x - x'| per channel before output rounding, for tokens not sent raw.
+
+    Coefficient j is off by at most step_j / 2, so channel i of ``x`` by ``sum_j |M[j, i]| step_j / 2``; the
+    rotation of keys mixes channel i with its pair i +- D/2, so a key channel's bound is the sum of the two.
+    """
+    matrix = np.abs(transform.decode_matrix.astype(np.float64))  # (L, 2, W coefficients, W channels)
+    bound = (matrix * transform.steps[level][:, :, :, None]).sum(axis=2) / 2
+    dim = transform.inv_freq.size * 2
+    keys = bound[:, 0].reshape(bound.shape[0], -1, dim)
+    bound[:, 0] = (keys + np.roll(keys, dim // 2, axis=-1)).reshape(bound.shape[0], -1)
+    return bound

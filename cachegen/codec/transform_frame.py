@@ -1,0 +1,51 @@
+"""Sections of transform-coded frames (FORMAT.md §5.5): ESCAPES (tokens sent raw) beside the rANS streams."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import torch
+
+from cachegen.codec import transform
+from cachegen.codec.bitstream import Frame, dtype_bytes
+from cachegen.codec.tensors import BITS_NUMPY, TORCH_DTYPES, kv_bits
+from cachegen.errors import FormatError
+from cachegen.spec import KVLayout
+
+
+def escapes_payload(kv: torch.Tensor, escaped: np.ndarray) -> bytes:
+    """``u32 n``, ``n`` ascending u16 token indices, then those tokens' bits in (l, kv, h, token, d) order."""
+    bits = kv_bits(kv)[:, :, :, escaped.astype(np.int64)]
+    little = np.ascontiguousarray(bits.astype(bits.dtype.newbyteorder("<"), copy=False))
+    return struct.pack("<I", escaped.size) + escaped.astype("<u2").tobytes() + little.tobytes()
+
+
+def read_escapes(view: memoryview, frame: Frame, layout: KVLayout) -> tuple[np.ndarray, np.ndarray]:
+    """(token indices, their bits (L, 2, H, n, D)) of the ESCAPES section, every size and index checked."""
+    section = frame.sections[1]
+    num_tokens, width = frame.header.num_tokens, dtype_bytes(layout)
+    if section.size < 4:
+        raise FormatError("escapes", section.offset, section.size, "needs a 4-byte count")
+    (count,) = struct.unpack_from("<I", view, section.offset)
+    per_token = layout.values_per_token * width
+    if count > num_tokens or section.size != 4 + 2 * count + count * per_token:
+        raise FormatError("escapes", section.offset, count, f"{section.size} bytes cannot hold {count} tokens")
+    indices = np.frombuffer(view, "<u2", count, section.offset + 4).astype(np.int64)
+    if count and (indices[-1] >= num_tokens or np.any(np.diff(indices) <= 0)):
+        raise FormatError("escapes", section.offset + 4, indices.tolist()[:8], "indices must ascend below T")
+    shape = (layout.num_layers, 2, layout.num_kv_heads, count, layout.head_dim)
+    bits = np.frombuffer(view, BITS_NUMPY[width], int(np.prod(shape)), section.offset + 4 + 2 * count)
+    return indices, bits.reshape(shape)
+
+
+def decode_values(symbols: np.ndarray, tables, level: int, frame: Frame, view: memoryview, layout: KVLayout):
+    """The frame's KV as a CPU tensor of the layout's dtype: dequantized coefficients, escaped tokens raw."""
+    header = frame.header
+    indices, bits = read_escapes(view, frame, layout)
+    values = transform.dequantize(symbols, tables.transform, level, layout, header.token_start)
+    out = values.to(TORCH_DTYPES[layout.dtype])
+    if indices.size:
+        raw = torch.from_numpy(bits.copy()).view(out.dtype)
+        out[:, :, :, torch.from_numpy(indices)] = raw
+    return out
