@@ -80,10 +80,11 @@ def _coder_stats(kv, layout, level, tables) -> dict[str, float]:
     import constriction
     import numpy as np
 
-    from cachegen.codec import decode_streams_cpu, encode_symbols_cpu, symbols_of
+    from cachegen.codec import decode_streams_cpu, encode_symbols_cpu
+    from cachegen.codec.calibrate import level_symbols
 
     entry = tables.for_level(level)
-    symbols, _ = symbols_of(_chunks(kv, layout)[0][1], entry.quant_bins)
+    symbols = level_symbols(_chunks(kv, layout)[0][1], level, entry.quant_bins, tables.transform)
     ids = np.broadcast_to(entry.table_map[:, :, :, None, :], symbols.shape)
     ideal_bits = -np.log2(entry.tables.freq[ids, symbols] / 2.0**24).sum()
     began = time.perf_counter()
@@ -153,22 +154,26 @@ def _setup(args: argparse.Namespace):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cachegen.codec import calibrate
-    from cachegen.codec.calibrate_cli import calibration_texts, collect_kv, measure_sensitivity  # calibrate's own
+    from cachegen.codec.calibrate_cli import calibration_texts, collect_kv, fit_for_model  # calibrate's own
     from cachegen.config import Settings
     from cachegen.model import ensure_model, kv_layout, model_fingerprint
 
     torch.manual_seed(0)
     model_dir = ensure_model(Settings.from_env().home, args.model)
+    positions = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 0)
+    if positions and args.tokens + args.continuation > positions:
+        # the context and its continuation must fit the model's positions: the context gives way
+        log.warning("context cut tokens=%d to=%d positions=%d", args.tokens, positions - args.continuation, positions)
+        args.tokens = positions - args.continuation
     layout = kv_layout(model_dir, "bfloat16", Settings.from_env().codec.tokens_per_chunk)
     model_id = model_fingerprint(model_dir, layout)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     texts = calibration_texts(4)
     # Calibrate on the tail of each text, evaluate on the head: tables never see the evaluated tokens.
-    samples = [collect_kv(model, tokenizer, text[len(text) // 2 :], 1024)[0] for text in texts[:2]]
-    tables = calibrate(
-        samples, layout, model_id, measure_sensitivity(model, tokenizer, texts[1][len(texts[1]) // 2 :], 1024)
-    )
+    tails = [text[len(text) // 2 :] for text in (texts[1], texts[0], texts[2])]
+    samples, sensitivity, transform = fit_for_model(model, tokenizer, tails, layout, 2048, 1024)
+    tables = calibrate(samples, layout, model_id, sensitivity, transform)
     docs = []
     for text in [texts[0], texts[3], texts[1]][: args.documents]:
         kv, ids = collect_kv(model, tokenizer, text, args.tokens + args.continuation)
@@ -276,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {key: value for key, value in vars(args).items() if key not in ("json", "func")}
     settings.pop("bench_module", None)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    result = {"git_sha": _git_sha(), "device": device, "tokens": args.tokens, "rows": rows,
+    result = {"git_sha": _git_sha(), "device": device, "tokens": args.tokens, "continuation": args.continuation, "rows": rows,
               "settings_digest": hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(),
                                                  digest_size=8).hexdigest()}  # fmt: skip
     print(json.dumps(result))

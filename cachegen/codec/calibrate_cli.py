@@ -24,7 +24,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--sensitivity-tokens",
         type=int,
         default=1024,
-        help="context tokens for measuring each layer's sensitivity (0: the fixed bin schedules)",
+        help="context tokens for measuring each layer's sensitivity (0: the fixed bin schedules, no pca levels)",
     )
     parser.add_argument("--out", default="", help="tables file (default: <home>/tables/<model id>.cgct)")
 
@@ -63,6 +63,22 @@ def measure_sensitivity(model, tokenizer, text: str, context_tokens: int, contin
     return group_sensitivity(model, kv[:, :, :, :context_tokens].contiguous(), ids[context_tokens:])
 
 
+def fit_for_model(model, tokenizer, texts: list[str], layout, num_tokens: int, probe_tokens: int):
+    """(KV samples, sensitivity, transform) of ``texts``: everything ``calibrate`` takes; the probes need
+    ``probe_tokens`` > 0 (else the fixed schedules and no transform-coded levels)."""
+    from cachegen.codec.transform_fit import collect, fit_transform
+
+    ids = [tokenizer(text, return_tensors="pt").input_ids[0, :num_tokens] for text in texts]
+    samples = [collect(model, one) for one in ids]
+    if probe_tokens <= 0:
+        return [kv for kv, _ in samples], None, None
+    sensitivity = measure_sensitivity(model, tokenizer, texts[0], probe_tokens)
+    kv, probe_ids = collect_kv(model, tokenizer, texts[0], probe_tokens + 128)
+    probe = (kv[:, :, :, :probe_tokens].contiguous(), probe_ids[probe_tokens:])
+    transform = fit_transform(model, samples, layout, probe)
+    return [kv for kv, _ in samples], sensitivity, transform
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,9 +95,10 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     texts = calibration_texts(args.documents)
-    samples = [collect_kv(model, tokenizer, text, args.tokens)[0] for text in texts]
-    sensitivity = measure_sensitivity(model, tokenizer, texts[0], args.sensitivity_tokens)
-    tables = calibrate(samples, layout, model_id, sensitivity)
+    samples, sensitivity, transform = fit_for_model(
+        model, tokenizer, texts, layout, args.tokens, args.sensitivity_tokens
+    )
+    tables = calibrate(samples, layout, model_id, sensitivity, transform)
     out = Path(args.out) if args.out else default_tables_path(settings.home, model_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     tables.save(out)
