@@ -211,12 +211,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from cachegen.codec import has_cuda
+    from cachegen.codec.levels import SCHEME_BY_LEVEL
     from cachegen.spec import LEVELS
 
     if not has_cuda():
         raise SystemExit("needs a CUDA device and the CUDA library (`make gpu-check` builds it)")
     layout, model_id, tables, kv = _load(args)
-    wanted = set(args.levels.split(",")) if args.levels else {level.name for level in LEVELS if level.id >= 1}
+    # Transform-coded levels (pca*) have no CUDA kernel yet: their frames decode on the CPU, then copy.
+    fused = {level.name for level in LEVELS if level.id >= 1 and not SCHEME_BY_LEVEL[level.id].is_transform}
+    wanted = set(args.levels.split(",")) & fused if args.levels else fused
     rows = [_level_row(level, layout, model_id, tables, kv, args) for level in LEVELS if level.name in wanted]
     result = {"git_sha": git_sha(), "device": device_name(), "torch": torch.__version__, "tokens": args.tokens,
               "kv_file": args.kv, "rows": rows, **_h2d_gb_s(4 << 20, args.repeats)}  # fmt: skip
