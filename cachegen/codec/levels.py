@@ -1,22 +1,27 @@
-"""What each coded level does (FORMAT.md §5): bins per (layer, K|V) for the quantized levels, or lossless.
+"""What each coded level does (FORMAT.md §5): bins per (layer, K|V) for the quantized levels, or lossless, or the
+transform-coded levels' target rates.
 
 A schedule has three key groups split at round(L*10/32) and round(L*20/32) (CacheGen's layer groups stretched to
 the model's depth) and two value groups, layers [0, 2) and the rest. "default" and "small" share bins out by
 each (layer, K|V) group's measured sensitivity when calibrated with the model (``mean_bins``;
-cachegen/codec/sensitivity.py); the fixed schedules below are their fallback. Measured on real SmolLM2 KV (2K-token essay and pydoc, teacher-forced over
-256 tokens, tables and sensitivity calibrated on other text):
+cachegen/codec/sensitivity.py); the fixed schedules below are their fallback. "pca3" and "pca2" code a per-model
+transform's coefficients instead (cachegen/codec/transform.py). Measured on real SmolLM2 KV (an essay and pydoc,
+teacher-forced over 256 tokens, tables, sensitivity and transform calibrated on other text; README has more):
 
-    schedule (K / V bins)               bits/value  top-1   KL
+    level / schedule (K / V bins)       2K tokens: bits/value  top-1   KL      8K tokens: bits  top-1  KL
     32,16,16 / 32,16 (CacheGen)         2.50        0.897   0.042
-    24 / 12          (fixed "default")  2.36        0.906   0.028
-    24 / 8           (fixed "small")    2.02        0.891   0.046
-    sensitivity, mean 16 ("default")    2.22        0.931   0.040
-    sensitivity, mean 12 ("small")      1.77        0.869   0.070
-    32 / 32          ("q32")            3.34        0.947   0.010
-    256 / 256        ("q8")             6.46        0.984   0.002
+    sensitivity, mean 16 ("default")    2.22        0.931   0.040                2.36   0.898  0.070
+    sensitivity, mean 12 ("small")      1.77        0.869   0.070                1.91   0.859  0.156
+    32 / 32          ("q32")            3.45        0.965   0.010                3.65   0.941  0.034
+    256 / 256        ("q8")             6.62        0.980   0.002                6.71   0.990  0.002
+    transform, 2.6 bits target ("pca3") 2.87        0.984   0.004                2.85   0.973  0.012
+    transform, 1.75 bits target ("pca2") 1.98       0.953   0.012                1.96   0.939  0.038
 
 Tried and lost: per-channel key normalization before the token max (3.1 bits/value, top-1 0.88: the outlier
-channels are the ones attention needs precise) and fixed per-channel steps without token scales (0.82 at 3.0).
+channels are the ones attention needs precise), fixed per-channel steps without token scales (0.82 at 3.0),
+and, for the transform levels (prototype, 2K tokens): plain channels without PCA (KL 0.024 at 2.30 bits against
+0.016 at 1.88 with PCA), PCA without the metric (KL 0.0127 at 2.04 bits against 0.0113 at 1.97 with it), a
+dead-zone quantizer (KL 0.020 at 1.86 bits against 0.013 at 1.93) and step exponents 0.35 and 0.5 (0.65 won).
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ class Scheme:
     calibration KV (new text codes ~0.25 bits/value above it: its tables fit it less well, sinks go raw)."""
     range_margin: float = 1.0
     """Transform levels: steps stay coarse enough for this many times the largest calibration coefficient to fit
-    127 steps; tokens beyond travel raw. Measured: 0.8 suits pca2 (a higher floor cost it 35% more KL at equal
-    bits), while pca3's finer steps need 1.2 (at 0.8 so many tokens went raw that it took 5.6 bits/value)."""
+    127 steps (tokens beyond travel raw), but never coarser than the next coarser level's. Measured: 0.8 suits
+    pca2 (1.5 cost it 35% more KL at equal bits), while pca3's finer steps need 1.2 (at 0.8 so many tokens went
+    raw that it took 5.6 bits/value); without the cap pca3 ended coarser than pca2 on its widest coefficients."""
 
     @property
     def is_transform(self) -> bool:

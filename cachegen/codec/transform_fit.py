@@ -108,15 +108,19 @@ def _entropy_bits(coefs: torch.Tensor, step: torch.Tensor) -> float:
     return float(-(p * p.log2()).sum() * q.shape[2])
 
 
-def fit_steps(coefs: torch.Tensor, sensitivity: np.ndarray, bits_per_value: float, margin: float = 1.0) -> np.ndarray:
+def fit_steps(
+    coefs: torch.Tensor, sensitivity: np.ndarray, bits_per_value: float, margin: float = 1.0, cap=None
+) -> np.ndarray:
     """(L, 2, W) steps for coefficients (L, 2, N, W): ``c * s^-ALPHA`` per (layer, K|V), raised where needed so
     that the largest calibration coefficient times ``margin`` still fits 127 steps (else whole tokens would
-    travel raw), with ``c`` bisected in log space to code ``coefs`` at ``bits_per_value``."""
+    travel raw), never above ``cap`` (a coarser level's steps), with ``c`` bisected in log space to code
+    ``coefs`` at ``bits_per_value``."""
     shape = torch.from_numpy(sensitivity**-ALPHA).float()[:, :, None]
     floor = coefs.abs().amax(dim=2) * margin / MAX_COEFFICIENT  # (L, 2, W)
+    ceiling = torch.from_numpy(cap) if cap is not None else torch.full_like(floor, math.inf)
 
     def steps(log_c: float) -> torch.Tensor:
-        return torch.maximum(math.exp(log_c) * shape, floor)
+        return torch.minimum(torch.maximum(math.exp(log_c) * shape, floor), ceiling)
 
     low, high = math.log(1e-4), math.log(1e3)
     for _ in range(30):
@@ -138,11 +142,11 @@ def fit_transform(model, samples: list[tuple[torch.Tensor, dict[int, torch.Tenso
     log.info("measuring transform sensitivity groups=%d", layout.num_layers * 2)
     sensitivity = measure_sensitivity(model, unit, layout, *probe)
     coefs = coefficients(vectors, unit)
-    steps = {
-        level: fit_steps(coefs, sensitivity, scheme.target_bits, scheme.range_margin)
-        for level, scheme in SCHEME_BY_LEVEL.items()
-        if scheme.is_transform
-    }
+    steps: dict[int, np.ndarray] = {}
+    cap = None  # coarsest level first: a finer level never gets a coarser step on any coefficient
+    for level, scheme in sorted(SCHEME_BY_LEVEL.items(), key=lambda item: item[1].target_bits):
+        if scheme.is_transform:
+            steps[level] = cap = fit_steps(coefs, sensitivity, scheme.target_bits, scheme.range_margin, cap)
     return Transform(mean, decode_matrix, inv_freq, NUM_SINKS, steps)
 
 

@@ -138,3 +138,15 @@ def test_fit_steps_hits_the_target_rate() -> None:
         p = counts.double() / 4000
         bits -= float((p * p.log2()).sum()) * 4000
     assert abs(bits / coefs.numel() - 2.0) < 0.02
+
+
+def test_finer_level_steps_never_exceed_the_coarser_ones() -> None:
+    """A finer level with a wider range margin still gets no coarser step than the level below it (the cap)."""
+    torch.manual_seed(1)
+    coefs = torch.distributions.Laplace(0.0, 1.0).sample((1, 2, 3000, 16))
+    coefs[:, :, :3, 0] = 1000.0  # a heavy-tailed coefficient: its range floor binds, higher for the wider margin
+    sensitivity = np.ones((1, 2))
+    coarse = fit_steps(coefs, sensitivity, 1.0, margin=0.8)
+    fine = fit_steps(coefs, sensitivity, 2.5, margin=1.5, cap=coarse)
+    uncapped = fit_steps(coefs, sensitivity, 2.5, margin=1.5)
+    assert np.all(fine <= coarse) and np.any(uncapped > coarse)  # the cap binds on the widest coefficients
