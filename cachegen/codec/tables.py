@@ -153,6 +153,10 @@ def _read_level(reader: _Reader, layout: KVLayout) -> LevelTables:
     shape = (layout.num_layers, 2, layout.num_kv_heads, per_token)
     table_map = reader.array(int(np.prod(shape)), "<u4", "table_map").reshape(shape)
     freq = reader.array(num_tables * alphabet, "<u4", "freq").reshape(num_tables, alphabet)
+    if SCHEME_BY_LEVEL[level].is_transform and (alphabet != 255 or per_token != layout.head_dim or np.any(bins != 256)):
+        raise FormatError(
+            "level_shape", reader.at, (level, alphabet, per_token), "levels 6-7 need A 255, P D, bins 256"
+        )
     quantized = bins.any()
     if quantized and not bool(np.all((bins >= 4) & (bins <= 256) & (bins % 2 == 0))):
         raise FormatError("bins", reader.at, bins.tolist(), "quantized levels need even bins in [4, 256]")

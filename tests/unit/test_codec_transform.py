@@ -99,6 +99,18 @@ def test_hostile_transform_records_are_rejected(tables) -> None:
         load_tables(_resealed_tables(bytes(nan_step)))
 
 
+def test_transform_level_entries_must_have_their_shape(tables) -> None:
+    """A level 6-7 entry with another alphabet would decode to garbage coefficients: rejected at load instead."""
+    from cachegen.codec.tables import CodecTables
+
+    entry = calibrate([make_kv(32, 1)], LAYOUT, MODEL).for_level(LEVEL_BY_NAME["q32"].id)
+    forged = type(entry)(PCA2, entry.bins, entry.table_map, entry.tables)  # q32's 31-symbol tables as level 7
+    data = CodecTables(LAYOUT, MODEL, (forged,), tables.transform).to_bytes()
+    with pytest.raises(FormatError) as info:
+        load_tables(data)
+    assert info.value.field == "level_shape"
+
+
 def _with_escapes(frame: bytes, payload: bytes) -> bytes:
     """The frame with its ESCAPES section replaced (section table and both CRCs redone)."""
     parsed = parse_frame(frame)
