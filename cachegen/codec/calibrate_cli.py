@@ -72,9 +72,12 @@ def fit_for_model(model, tokenizer, texts: list[str], layout, num_tokens: int, p
     samples = [collect(model, one) for one in ids]
     if probe_tokens <= 0:
         return [kv for kv, _ in samples], None, None
-    sensitivity = measure_sensitivity(model, tokenizer, texts[0], probe_tokens)
-    kv, probe_ids = collect_kv(model, tokenizer, texts[0], probe_tokens + 128)
+    from cachegen.codec.sensitivity import group_sensitivity
+
+    kv, probe_ids = collect_kv(model, tokenizer, texts[0], probe_tokens + 128)  # one probe for both measures
     probe = (kv[:, :, :, :probe_tokens].contiguous(), probe_ids[probe_tokens:])
+    log.info("measuring sensitivity groups=%d context=%d", kv.shape[0] * 2, probe_tokens)
+    sensitivity = group_sensitivity(model, *probe)
     transform = fit_transform(model, samples, layout, probe)
     return [kv for kv, _ in samples], sensitivity, transform
 

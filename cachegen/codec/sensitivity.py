@@ -44,16 +44,23 @@ def _coarse(values: np.ndarray) -> np.ndarray:
     return quant.dequantize(quant.quantize(values, scales, bins), scales, bins)
 
 
-def group_sensitivity(model, kv: torch.Tensor, continuation: torch.Tensor) -> np.ndarray:
-    """(layers, 2) mean KL when only that (layer, K|V) group is coarsely quantized; ``kv`` is the context's."""
+def kl_per_group(model, kv: torch.Tensor, continuation: torch.Tensor, perturbed) -> np.ndarray:
+    """(layers, 2) mean KL(exact || ``perturbed(layer, kind)``), the context KV with only that group changed."""
     exact = next_token_logits(model, kv, continuation)
-    values = kv.float().numpy()
     out = np.zeros(kv.shape[:2], np.float64)
     for layer in range(kv.shape[0]):
         for kind in (0, 1):
-            probe = values.copy()
-            probe[layer : layer + 1, kind : kind + 1] = _coarse(values[layer : layer + 1, kind : kind + 1])
-            out[layer, kind] = mean_kl(
-                exact, next_token_logits(model, torch.from_numpy(probe).to(kv.dtype), continuation)
-            )
+            out[layer, kind] = mean_kl(exact, next_token_logits(model, perturbed(layer, kind), continuation))
     return out
+
+
+def group_sensitivity(model, kv: torch.Tensor, continuation: torch.Tensor) -> np.ndarray:
+    """(layers, 2) mean KL when only that (layer, K|V) group is coarsely quantized; ``kv`` is the context's."""
+    values = kv.float().numpy()
+
+    def coarse(layer: int, kind: int) -> torch.Tensor:
+        probe = values.copy()
+        probe[layer : layer + 1, kind : kind + 1] = _coarse(values[layer : layer + 1, kind : kind + 1])
+        return torch.from_numpy(probe).to(kv.dtype)
+
+    return kl_per_group(model, kv, continuation, coarse)

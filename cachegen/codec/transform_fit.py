@@ -74,27 +74,27 @@ def fit_basis(vectors: torch.Tensor, metric: torch.Tensor) -> tuple[np.ndarray, 
     return mean[:, :, 0].float().numpy(), decode_matrix.float().numpy()
 
 
-def measure_sensitivity(model, transform: Transform, layout: KVLayout, kv: torch.Tensor, continuation) -> np.ndarray:
+def noise_sensitivity(model, transform: Transform, layout: KVLayout, kv: torch.Tensor, continuation) -> np.ndarray:
     """(L, 2) KL per unit coefficient noise variance, each (layer, K|V) perturbed alone."""
-    from cachegen.codec.sensitivity import mean_kl, next_token_logits
+    from cachegen.codec.sensitivity import kl_per_group
 
-    exact = next_token_logits(model, kv, continuation)
     vectors = to_vectors(kv, transform.inv_freq, 0)
     coefs = coefficients(vectors, transform)
     decode = torch.from_numpy(transform.decode_matrix)
     mean = torch.from_numpy(transform.mean)
     generator = torch.Generator().manual_seed(0)
-    out = np.zeros((layout.num_layers, 2))
-    for layer in range(layout.num_layers):
-        for kind in range(2):
-            part = coefs[layer, kind, NUM_SINKS:]
-            sigma = NOISE_SHARE * float(part.pow(2).mean().sqrt())
-            noisy = part + sigma * torch.randn(part.shape, generator=generator)
-            probe = vectors.clone()
-            probe[layer, kind, NUM_SINKS:] = noisy @ decode[layer, kind] + mean[layer, kind]
-            values = from_vectors(probe, layout, transform.inv_freq, 0).to(kv.dtype)
-            out[layer, kind] = mean_kl(exact, next_token_logits(model, values, continuation)) / sigma**2
-    return np.maximum(out, 1e-9)
+    variance = np.zeros((layout.num_layers, 2))
+
+    def perturbed(layer: int, kind: int) -> torch.Tensor:
+        part = coefs[layer, kind, NUM_SINKS:]
+        sigma = NOISE_SHARE * float(part.pow(2).mean().sqrt())
+        variance[layer, kind] = sigma**2
+        noisy = part + sigma * torch.randn(part.shape, generator=generator)
+        probe = vectors.clone()
+        probe[layer, kind, NUM_SINKS:] = noisy @ decode[layer, kind] + mean[layer, kind]
+        return from_vectors(probe, layout, transform.inv_freq, 0).to(kv.dtype)
+
+    return np.maximum(kl_per_group(model, kv, continuation, perturbed) / variance, 1e-9)
 
 
 def _entropy_bits(coefs: torch.Tensor, step: torch.Tensor) -> float:
@@ -140,7 +140,7 @@ def fit_transform(model, samples: list[tuple[torch.Tensor, dict[int, torch.Tenso
     mean, decode_matrix = fit_basis(vectors, model_metric(model, samples[0][1], layout))
     unit = Transform(mean, decode_matrix, inv_freq, NUM_SINKS, {})
     log.info("measuring transform sensitivity groups=%d", layout.num_layers * 2)
-    sensitivity = measure_sensitivity(model, unit, layout, *probe)
+    sensitivity = noise_sensitivity(model, unit, layout, *probe)
     coefs = coefficients(vectors, unit)
     steps: dict[int, np.ndarray] = {}
     cap = None  # coarsest level first: a finer level never gets a coarser step on any coefficient
