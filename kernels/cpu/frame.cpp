@@ -1,6 +1,8 @@
-// FORMAT.md §3 / §6 / §8 in C++: every size is checked against the buffer before it is used.
+// FORMAT.md §3 / §5.5 / §6 / §8 / §8.1 in C++: every size is checked against the buffer before it is used.
 #include "frame.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 namespace cachegen {
@@ -33,7 +35,7 @@ std::string check_fixed(const uint8_t* d, size_t len, FrameView* f, size_t* head
   f->tokens_per_chunk = load<uint32_t>(d + 16);
   f->token_start = load<uint32_t>(d + 20);
   f->num_tokens = load<uint32_t>(d + 24);
-  if (f->level > 5) return "level";
+  if (f->level > 7) return "level";  // levels 0-7 (FORMAT.md §4)
   if (f->dtype < 1 || f->dtype > 3) return "dtype";
   if (f->num_tokens < 1 || f->num_tokens > 65536) return "num_tokens";
   if (uint64_t(f->token_start) + f->num_tokens > 0xFFFFFFFFull) return "token_start";
@@ -48,6 +50,195 @@ std::string expect(const FrameView& f, std::vector<uint32_t> kinds, std::vector<
     if (f.sections[i].kind != kinds[i]) return "section.kind";
     if (sizes[i] >= 0 && f.sections[i].size != uint64_t(sizes[i])) return "section.size";
   }
+  return "";
+}
+
+// Bounds-checked cursor over untrusted bytes, as _Reader in cachegen/codec/tables.py: take() hands out the next
+// `size` bytes, or nullptr (moving nowhere) when fewer are left, and the caller names the field.
+struct Cursor {
+  const uint8_t* data;
+  uint64_t at, end;
+  const uint8_t* take(uint64_t size) {
+    if (size > end - at) return nullptr;
+    at += size;
+    return data + at - size;
+  }
+};
+
+// `count` f32 of a transform record, each finite (FORMAT.md §8.1); "" or `field`.
+std::string take_floats(Cursor& in, uint64_t count, const char* field, std::vector<float>* out) {
+  const uint8_t* p = count <= (in.end - in.at) / 4 ? in.take(4 * count) : nullptr;  // no 4 * count to wrap
+  if (!p) return field;
+  out->resize(count);
+  std::memcpy(out->data(), p, 4 * count);
+  for (float v : *out) if (!std::isfinite(v)) return field;
+  return "";
+}
+
+// bins of a level entry (FORMAT.md §8, §8.1): 256 everywhere for levels 6-7, which also need A = 255 and P = D;
+// even 4..256 for a quantized level (any bin non-zero), as tables._read_level.
+std::string check_bins(const LevelData& lv, const TablesFile& t) {
+  const bool is_quantized = std::any_of(lv.bins.begin(), lv.bins.end(), [](uint16_t b) { return b != 0; });
+  const bool is_all_256 = std::all_of(lv.bins.begin(), lv.bins.end(), [](uint16_t b) { return b == 256; });
+  if (lv.level >= 6 && (lv.alphabet != 255 || lv.per_token != t.head_dim || !is_all_256)) return "level_shape";
+  for (uint16_t b : lv.bins) if (is_quantized && (b < 4 || b > 256 || b % 2)) return "bins";
+  return "";
+}
+
+// One level entry of a tables file (FORMAT.md §8), with the field names and order of tables._read_level.
+std::string parse_level(Cursor& in, const TablesFile& t, LevelData* lv) {
+  const uint8_t* head = in.take(9);
+  if (!head) return "level";
+  lv->level = head[0];
+  lv->alphabet = load<uint16_t>(head + 1);
+  lv->num_tables = load<uint32_t>(head + 3);
+  lv->per_token = load<uint16_t>(head + 7);
+  if (lv->level < 1 || lv->level > 7) return "level";  // the coded levels (FORMAT.md §4)
+  const bool is_p_valid = lv->per_token == t.head_dim || lv->per_token == 2 * t.head_dim;
+  if (!is_p_valid || lv->alphabet < 2 || lv->alphabet > 256) return "level_shape";
+  const uint64_t n_bins = uint64_t(t.layers) * 2, n_map = n_bins * t.heads * lv->per_token;
+  const uint64_t n_freq = uint64_t(lv->num_tables) * lv->alphabet;
+  const uint8_t *bins = in.take(2 * n_bins), *map = bins ? in.take(4 * n_map) : nullptr;
+  const uint8_t* freq = map ? in.take(4 * n_freq) : nullptr;
+  if (!freq) return !bins ? "bins" : !map ? "table_map" : "freq";
+  lv->bins.assign(reinterpret_cast<const uint16_t*>(bins), reinterpret_cast<const uint16_t*>(bins) + n_bins);
+  lv->table_map.resize(n_map);
+  lv->freq.resize(n_freq);
+  std::memcpy(lv->table_map.data(), map, 4 * n_map);
+  std::memcpy(lv->freq.data(), freq, 4 * n_freq);
+  std::string bad = check_bins(*lv, t);
+  if (!bad.empty()) return bad;
+  for (uint32_t m : lv->table_map) if (m >= lv->num_tables) return "table_map";
+  lv->cum.resize(n_freq);
+  for (uint32_t r = 0; r < lv->num_tables; ++r) {
+    uint64_t sum = 0;
+    for (uint32_t k = 0; k < lv->alphabet; ++k) {
+      const uint32_t f = lv->freq[uint64_t(r) * lv->alphabet + k];
+      if (f == 0) return "freq";
+      lv->cum[uint64_t(r) * lv->alphabet + k] = uint32_t(sum);
+      sum += f;
+    }
+    if (sum != kTotal) return "freq";
+  }
+  return "";
+}
+
+// The transform record (FORMAT.md §8.1), with the field names and checks of transform.read_transform.
+std::string read_transform(Cursor& in, const TablesFile& t, TransformData* tx) {
+  const uint8_t* head = in.take(12);
+  if (!head) return "transform";
+  const uint32_t num_levels = load<uint16_t>(head + 4);
+  if (std::memcmp(head, "CGTX", 4) != 0 || load<uint16_t>(head + 6) != 0 || num_levels < 1 || num_levels > 255)
+    return "transform";
+  if (t.head_dim % 2) return "transform";  // the keys' rotary pairs (i, i + D/2)
+  tx->num_sinks = load<uint32_t>(head + 8);
+  const uint64_t width = uint64_t(t.heads) * t.head_dim, per_level = uint64_t(t.layers) * 2 * width;
+  for (uint32_t i = 0; i < num_levels; ++i) {
+    const uint8_t* level = in.take(1);
+    if (!level) return "transform.level";
+    std::vector<float> steps;
+    const std::string bad = take_floats(in, per_level, "transform.steps", &steps);
+    if (!bad.empty()) return bad;
+    if (!std::all_of(steps.begin(), steps.end(), [](float s) { return s > 0; })) return "transform.steps";
+    tx->steps[*level] = std::move(steps);
+  }
+  std::string bad = take_floats(in, t.head_dim / 2, "transform.inv_freq", &tx->inv_freq);
+  if (bad.empty()) bad = take_floats(in, per_level, "transform.mean", &tx->mean);
+  // width <= 2^32 - 1, so width^2 fits; the product with the 2L matrices saturates instead of wrapping
+  const uint64_t matrix_floats = per_level > UINT64_MAX / width ? UINT64_MAX : per_level * width;
+  if (bad.empty()) bad = take_floats(in, matrix_floats, "transform.decode_matrix", &tx->decode_matrix);
+  if (!bad.empty()) return bad;
+  for (uint64_t m = 0; m < uint64_t(t.layers) * 2; ++m)
+    if (!is_well_conditioned(tx->decode_matrix.data() + m * width * width, uint32_t(width)))
+      return "transform.decode_matrix";
+  return "";
+}
+
+// The tables' entry for the frame's level when the tables fit the frame: its layout, the P that decoders size
+// their output by, and for levels 6-7 a transform record with the level's steps (FORMAT.md §6 rule 8). nullptr
+// is a mismatch (the Python decoder's LayoutMismatch). The first entry of the level counts, as in tables.py.
+const LevelData* level_for(const TablesFile& t, const FrameView& f) {
+  if (t.layers != f.layers || t.heads != f.heads || t.head_dim != f.head_dim) return nullptr;
+  const auto is_level = [&](const LevelData& l) { return l.level == f.level; };
+  const auto lv = std::find_if(t.levels.begin(), t.levels.end(), is_level);
+  if (lv == t.levels.end() || lv->per_token != (f.level == 1 ? 2 : 1) * f.head_dim) return nullptr;
+  if (f.level >= 6 && (!t.transform || t.transform->steps.count(f.level) == 0)) return nullptr;
+  return &*lv;
+}
+
+// The sections a coded level prescribes (FORMAT.md §5.4, §5.5); -1 for a size the header does not imply: WORDS,
+// and ESCAPES, whose size follows from its own count (read_escapes checks it).
+std::string check_coded_sections(const FrameView& f, uint64_t streams) {
+  std::vector<uint32_t> kinds = {kSectionTablesId, kSectionStreamSizes, kSectionWords};
+  std::vector<int64_t> sizes = {16, int64_t(4 * streams), -1};
+  if (f.level >= 2) {
+    const bool is_transform = f.level >= 6;
+    kinds.insert(kinds.begin() + 1, is_transform ? kSectionEscapes : kSectionScales);
+    sizes.insert(sizes.begin() + 1, is_transform ? -1 : int64_t(f.layers) * 2 * f.num_tokens * 2);
+  }
+  return expect(f, kinds, sizes);
+}
+
+// Runs one of codec_cpu.h's decoders, decode(desc, words, num_words, sizes, &bad_stream), over the frame's
+// streams (its last two sections) and names the field of what it reports.
+template <class Decode>
+std::string run_streams(const uint8_t* d, const FrameView& f, const LevelData& lv, Decode decode) {
+  const SectionView& words = f.sections.back();
+  const SectionView& stream_sizes = f.sections[f.sections.size() - 2];
+  std::vector<uint32_t> w(words.size / 4), z(stream_sizes.size / 4);
+  std::memcpy(w.data(), d + words.offset, w.size() * 4);
+  std::memcpy(z.data(), d + stream_sizes.offset, z.size() * 4);
+  LevelDesc desc{f.layers, f.heads, f.num_tokens, lv.per_token, lv.table_map.data(), lv.num_tables,
+                 {lv.freq.data(), lv.cum.data(), lv.alphabet}};
+  std::vector<uint8_t> slots;
+  std::vector<uint32_t> bounds;
+  build_lookup(desc.tables, lv.num_tables, &slots, &bounds);  // per frame: fine for a test reader
+  desc.tables.slots = slots.data();
+  desc.tables.bounds = bounds.data();
+  int64_t bad_stream = -1;
+  const Status st = decode(desc, w.data(), uint64_t(w.size()), z.data(), &bad_stream);
+  if (words.size % 4 != 0 || st == kBadSizes) return "stream_sizes";
+  if (st == kBadFinalState) return "rans_final_state";
+  if (st == kBadSymbol) return "symbol";
+  return "";
+}
+
+// The ESCAPES section of a level-6/7 frame (FORMAT.md §5.5), checked as transform_frame.read_escapes: the token
+// indices, ascending and below T, and where their raw values start. Sizes are compared by division, so no
+// count times a layout can wrap.
+std::string read_escapes(const uint8_t* d, const FrameView& f, std::vector<uint32_t>* tokens, const uint8_t** raw) {
+  const SectionView& s = f.sections[1];
+  if (s.size < 4) return "escapes";
+  const uint64_t n = load<uint32_t>(d + s.offset);
+  const uint64_t token_bytes = uint64_t(f.layers) * 2 * f.heads * f.head_dim * 2;  // 16-bit dtypes only here
+  if (n > f.num_tokens || s.size - 4 < 2 * n) return "escapes";
+  const uint64_t raw_bytes = s.size - 4 - 2 * n;
+  if (raw_bytes % token_bytes != 0 || raw_bytes / token_bytes != n) return "escapes";
+  tokens->resize(n);
+  for (uint64_t i = 0; i < n; ++i) {
+    (*tokens)[i] = load<uint16_t>(d + s.offset + 4 + 2 * i);
+    if ((*tokens)[i] >= f.num_tokens || (i > 0 && (*tokens)[i] <= (*tokens)[i - 1])) return "escapes";
+  }
+  *raw = d + s.offset + 4 + 2 * n;
+  return "";
+}
+
+// Levels 6-7 once their streams gave `symbols` (L, 2, H, T, D): ESCAPES, dequantization (transform.h), then the
+// escaped tokens' raw values over their dequantized ones (FORMAT.md §5.5 step 4). Every symbol is <= 254 (A = 255,
+// checked with the tables), so no symbol check is due.
+std::string finish_transform(const uint8_t* d, const FrameView& f, const TransformData& tx,
+                             const std::vector<int32_t>& symbols, std::vector<uint16_t>* out) {
+  std::vector<uint32_t> tokens;
+  const uint8_t* raw = nullptr;
+  const std::string bad = read_escapes(d, f, &tokens, &raw);
+  if (!bad.empty()) return bad;
+  out->resize(symbols.size());
+  const TransformShape shape{f.layers, f.heads, f.head_dim, f.num_tokens, f.token_start, f.dtype == 1};
+  dequantize_transform(shape, tx, tx.steps.at(f.level).data(), symbols.data(), out->data());
+  const uint64_t groups = uint64_t(f.layers) * 2 * f.heads, n = tokens.size(), row_bytes = uint64_t(f.head_dim) * 2;
+  for (uint64_t g = 0; g < groups; ++g)  // raw order (l, kv, h, i, d): each group's n tokens in a row
+    for (uint64_t i = 0; i < n; ++i)
+      std::memcpy(out->data() + (g * f.num_tokens + tokens[i]) * f.head_dim, raw + (g * n + i) * row_bytes, row_bytes);
   return "";
 }
 
@@ -84,49 +275,30 @@ std::string parse_frame(const uint8_t* d, size_t len, FrameView* f) {
 }
 
 std::string parse_tables(const uint8_t* d, size_t len, TablesFile* t) {
-  if (len < 24 || load<uint32_t>(d + len - 4) != crc32(d, len - 4)) return "tables_crc32";
-  if (std::memcmp(d, "CGCT", 4) != 0 || load<uint16_t>(d + 4) != 1) return "tables_header";
+  if (len < 22 || load<uint32_t>(d + len - 4) != crc32(d, len - 4)) return "tables_crc32";  // 18-byte head + CRC
+  if (std::memcmp(d, "CGCT", 4) != 0 || load<uint16_t>(d + 4) != 1 || d[12] < 1 || d[12] > 3) return "tables_header";
   t->layers = load<uint16_t>(d + 6);
   t->heads = load<uint16_t>(d + 8);
   t->head_dim = load<uint16_t>(d + 10);
-  size_t at = 18 + d[13];  // 18-byte head (FORMAT.md §8), then the model id
-  const size_t end = len - 4;
-  if (at + 2 > end) return "num_levels";
-  const uint32_t num_levels = load<uint16_t>(d + at);
-  at += 2;
-  for (uint32_t i = 0; i < num_levels; ++i) {
+  t->levels.clear();
+  t->transform.reset();
+  Cursor in{d, 18, len - 4};  // after the head (FORMAT.md §8), up to the CRC
+  if (!in.take(d[13])) return "model_id";
+  const uint8_t* count = in.take(2);
+  if (!count) return "num_levels";
+  for (uint32_t i = 0, n = load<uint16_t>(count); i < n; ++i) {
     LevelData lv;
-    if (at + 9 > end) return "level";
-    lv.level = d[at];
-    lv.alphabet = load<uint16_t>(d + at + 1);
-    lv.num_tables = load<uint32_t>(d + at + 3);
-    lv.per_token = load<uint16_t>(d + at + 7);
-    at += 9;
-    const uint64_t n_bins = uint64_t(t->layers) * 2, n_map = n_bins * t->heads * lv.per_token;
-    const uint64_t n_freq = uint64_t(lv.num_tables) * lv.alphabet;
-    if (lv.alphabet < 2 || lv.alphabet > 256 || (end - at) < 2 * n_bins + 4 * (n_map + n_freq)) return "level_shape";
-    lv.bins.resize(n_bins);
-    lv.table_map.resize(n_map);
-    lv.freq.resize(n_freq);
-    std::memcpy(lv.bins.data(), d + at, 2 * n_bins);
-    std::memcpy(lv.table_map.data(), d + at + 2 * n_bins, 4 * n_map);
-    std::memcpy(lv.freq.data(), d + at + 2 * n_bins + 4 * n_map, 4 * n_freq);
-    at += 2 * n_bins + 4 * (n_map + n_freq);
-    for (uint32_t m : lv.table_map) if (m >= lv.num_tables) return "table_map";
-    lv.cum.resize(n_freq);
-    for (uint32_t r = 0; r < lv.num_tables; ++r) {
-      uint64_t sum = 0;
-      for (uint32_t k = 0; k < lv.alphabet; ++k) {
-        const uint32_t f = lv.freq[uint64_t(r) * lv.alphabet + k];
-        if (f == 0) return "freq";
-        lv.cum[uint64_t(r) * lv.alphabet + k] = uint32_t(sum);
-        sum += f;
-      }
-      if (sum != kTotal) return "freq";
-    }
+    const std::string bad = parse_level(in, *t, &lv);
+    if (!bad.empty()) return bad;
     t->levels.push_back(std::move(lv));
   }
-  return at == end ? "" : "tables_size";
+  // FORMAT.md §8.1: a transform record follows the levels when there are bytes left, as the Python reader has it;
+  // whether the levels need one is the decoder's question (FORMAT.md §6 rule 8).
+  if (in.at < in.end) {
+    const std::string bad = read_transform(in, *t, &t->transform.emplace());
+    if (!bad.empty()) return bad;
+  }
+  return in.at == in.end ? "" : "tables_size";
 }
 
 std::string decode_frame(const uint8_t* d, const FrameView& f, const TablesFile* tables, std::vector<uint16_t>* out) {
@@ -139,45 +311,31 @@ std::string decode_frame(const uint8_t* d, const FrameView& f, const TablesFile*
     std::memcpy(out->data(), d + f.sections[0].offset, values * 2);
     return "";
   }
-  if (!tables) return "tables";
-  const LevelData* lv = nullptr;
-  for (const auto& l : tables->levels) if (l.level == f.level) lv = &l;
-  if (!lv || tables->layers != f.layers || tables->heads != f.heads || tables->head_dim != f.head_dim) return "tables";
-  const bool is_quant = f.level >= 2;
+  const LevelData* lv = tables ? level_for(*tables, f) : nullptr;
+  if (!lv) return "tables";
   const uint64_t streams = uint64_t(f.layers) * 2 * f.heads * ((f.num_tokens + kStreamTokens - 1) / kStreamTokens);
-  std::vector<uint32_t> kinds = {kSectionTablesId, kSectionStreamSizes, kSectionWords};
-  std::vector<int64_t> sizes = {16, int64_t(4 * streams), -1};
-  if (is_quant) {
-    kinds.insert(kinds.begin() + 1, kSectionScales);
-    sizes.insert(sizes.begin() + 1, int64_t(f.layers) * 2 * f.num_tokens * 2);
-  }
-  std::string bad = expect(f, kinds, sizes);
+  std::string bad = check_coded_sections(f, streams);
   if (!bad.empty()) return bad;
-  const SectionView& words = f.sections.back();
-  const SectionView& stream_sizes = f.sections[f.sections.size() - 2];
-  std::vector<uint32_t> w(words.size / 4), z(streams);
-  std::memcpy(w.data(), d + words.offset, w.size() * 4);
-  std::memcpy(z.data(), d + stream_sizes.offset, z.size() * 4);
+  if (f.level >= 6) {  // symbols first, then ESCAPES: the Python decoder's order, so both name the same field
+    std::vector<int32_t> symbols(values);
+    bad = run_streams(d, f, *lv, [&](const LevelDesc& desc, const uint32_t* w, uint64_t n, const uint32_t* z,
+                                     int64_t* bad_stream) {
+      return decode_symbols_cpu(desc, w, n, z, symbols.data(), 1, bad_stream);
+    });
+    return bad.empty() ? finish_transform(d, f, *tables->transform, symbols, out) : bad;
+  }
+  const bool is_quant = f.level >= 2;
   std::vector<uint16_t> scales;
   if (is_quant) {
     scales.resize(uint64_t(f.layers) * 2 * f.num_tokens);
     std::memcpy(scales.data(), d + f.sections[1].offset, scales.size() * 2);
   }
-  LevelDesc desc{f.layers, f.heads, f.num_tokens, lv->per_token, lv->table_map.data(), lv->num_tables,
-                 {lv->freq.data(), lv->cum.data(), lv->alphabet}};
-  std::vector<uint8_t> slots;
-  std::vector<uint32_t> bounds;
-  build_lookup(desc.tables, lv->num_tables, &slots, &bounds);  // per frame: fine for a test reader
-  desc.tables.slots = slots.data();
-  desc.tables.bounds = bounds.data();
   out->assign(values, 0);
-  int64_t bad_stream = -1;
-  Status st = decode_values_cpu(desc, w.data(), w.size(), z.data(), is_quant ? scales.data() : nullptr,
-                                is_quant ? lv->bins.data() : nullptr, out->data(), 1, &bad_stream);
-  if (words.size % 4 != 0 || st == kBadSizes) return "stream_sizes";
-  if (st == kBadFinalState) return "rans_final_state";
-  if (st == kBadSymbol) return "symbol";
-  return "";
+  return run_streams(d, f, *lv, [&](const LevelDesc& desc, const uint32_t* w, uint64_t n, const uint32_t* z,
+                                    int64_t* bad_stream) {
+    return decode_values_cpu(desc, w, n, z, is_quant ? scales.data() : nullptr, is_quant ? lv->bins.data() : nullptr,
+                             out->data(), 1, bad_stream);
+  });
 }
 
 }  // namespace cachegen

@@ -1,12 +1,15 @@
-// A C++ reader of FORMAT.md frames and tables files: structure, sizes and CRCs (§3, §6, §8), then decoding
-// through the core. The BLAKE2b layout digest and tables id are left to the caller (the Python layer checks them).
+// A C++ reader of FORMAT.md frames and tables files of every level (0-7): structure, sizes and CRCs (§3, §6, §8,
+// §8.1), then decoding through the core (transform.h for levels 6-7). The BLAKE2b layout digest and tables id are
+// left to the caller (the Python layer checks them).
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "codec_cpu.h"
+#include "transform.h"
 
 namespace cachegen {
 
@@ -30,6 +33,7 @@ struct LevelData {
 struct TablesFile {
   uint32_t layers, heads, head_dim;
   std::vector<LevelData> levels;
+  std::optional<TransformData> transform;  // the record of FORMAT.md §8.1, when the file has one
 };
 
 uint32_t crc32(const uint8_t* data, size_t len);
@@ -38,7 +42,9 @@ uint32_t crc32(const uint8_t* data, size_t len);
 std::string parse_frame(const uint8_t* data, size_t len, FrameView* out);
 std::string parse_tables(const uint8_t* data, size_t len, TablesFile* out);
 
-// Decode a parsed bf16/f16 frame of level 0, 1 or 2-5 into 16-bit values (L, 2, H, T, D).
+// Decode a parsed bf16/f16 frame of any level into 16-bit values (L, 2, H, T, D). Levels 2-5 always write bf16
+// (the fused CPU kernel's output); levels 6-7 write the frame's dtype and agree with other decoders to f32
+// rounding only (FORMAT.md §5.5).
 std::string decode_frame(const uint8_t* data, const FrameView& frame, const TablesFile* tables,
                          std::vector<uint16_t>* out);
 

@@ -18,6 +18,7 @@ enum SectionKind : uint32_t {
   kSectionScales = 3,
   kSectionStreamSizes = 4,
   kSectionWords = 5,
+  kSectionEscapes = 6,  // levels 6-7 (FORMAT.md §5.5)
 };
 
 enum Status : int32_t {

@@ -1,0 +1,158 @@
+// The numerics of the transform-coded levels 6-7 (FORMAT.md §5.5, §8.1) for the C++ frame reader: the transform
+// record's matrix check and dequantization, as cachegen/codec/transform.py. Header-only like codec.h, so the
+// reader still builds from frame.cpp and codec_cpu.cpp alone (Makefile, tests/unit/test_codec_kernels.py).
+#pragma once
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <vector>
+
+#include "cachegen/codec.h"
+
+namespace cachegen {
+
+constexpr int32_t kMaxCoefficient = 127;  // symbol = q + 127, q in [-127, 127]: alphabet 255 (FORMAT.md §5.5)
+constexpr double kMaxCondition = 1e6;     // decode matrices' largest 2-norm condition number (FORMAT.md §8.1)
+
+// A tables file's transform record (FORMAT.md §8.1); W = heads * head_dim.
+struct TransformData {
+  uint32_t num_sinks = 0;
+  std::map<uint32_t, std::vector<float>> steps;  // level -> (layers, 2, W); a repeated level: the last one counts,
+                                                 // as in the Python reader (a dict)
+  std::vector<float> inv_freq;                   // head_dim / 2 rotary frequencies of the keys
+  std::vector<float> mean;                       // (layers, 2, W)
+  std::vector<float> decode_matrix;              // (layers, 2, W, W): row c is the direction of coefficient c
+};
+
+// One frame's shape as dequantize_transform needs it.
+struct TransformShape {
+  uint32_t layers, heads, head_dim, num_tokens, token_start;
+  bool is_bf16;  // else f16 (the reader's output is 16-bit)
+};
+
+// Whether a width x width matrix has a 2-norm condition number <= kMaxCondition, as numpy's cond (the ratio of
+// the largest to the smallest singular value; a singular matrix fails). One-sided Jacobi (Hestenes) in f64:
+// rotate pairs of rows until all are orthogonal; the row norms are then the singular values, the small ones
+// found to high relative accuracy, which a threshold on their ratio needs. O(width^3) per sweep: fine for a
+// reference reader, not meant for the hot path.
+inline bool is_well_conditioned(const float* matrix, uint32_t width) {
+  std::vector<double> a(matrix, matrix + uint64_t(width) * width);
+  const double tolerance = width * DBL_EPSILON;  // what rounding leaves of an exact zero in a dot product
+  for (int sweep = 0, rotated = 1; rotated && sweep < 64; ++sweep) {
+    rotated = 0;
+    for (uint32_t i = 0; i < width; ++i) {
+      for (uint32_t j = i + 1; j < width; ++j) {
+        double *ri = &a[uint64_t(i) * width], *rj = &a[uint64_t(j) * width], alpha = 0, beta = 0, gamma = 0;
+        for (uint32_t k = 0; k < width; ++k) alpha += ri[k] * ri[k], beta += rj[k] * rj[k], gamma += ri[k] * rj[k];
+        if (std::abs(gamma) <= tolerance * std::sqrt(alpha * beta)) continue;
+        rotated = 1;  // the rotation by t = tan(theta) that makes rows i and j orthogonal, the smaller root
+        const double zeta = (beta - alpha) / (2 * gamma);
+        const double t = std::copysign(1.0, zeta) / (std::abs(zeta) + std::sqrt(1 + zeta * zeta));
+        const double c = 1 / std::sqrt(1 + t * t), s = c * t;
+        for (uint32_t k = 0; k < width; ++k) {
+          const double p = ri[k], q = rj[k];
+          ri[k] = c * p - s * q;
+          rj[k] = s * p + c * q;
+        }
+      }
+    }
+  }
+  double lo = INFINITY, hi = 0;
+  for (uint32_t i = 0; i < width; ++i) {
+    double norm = 0;
+    for (uint32_t k = 0; k < width; ++k) norm += a[uint64_t(i) * width + k] * a[uint64_t(i) * width + k];
+    lo = std::min(lo, std::sqrt(norm));
+    hi = std::max(hi, std::sqrt(norm));
+  }
+  return lo > 0 && hi / lo <= kMaxCondition;
+}
+
+// f16 of a float, round half to even, with subnormals, overflow to infinity and NaN kept NaN (what torch's
+// .to(float16) does). Subnormals: adding 0.5 makes the float adder round at f16's subnormal spacing, 2^-24.
+inline uint16_t float_to_f16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  const uint32_t sign = (bits >> 16) & 0x8000u, magnitude = bits & 0x7FFFFFFFu;
+  if (magnitude >= 0x47800000u) return sign | (magnitude > 0x7F800000u ? 0x7E00u : 0x7C00u);  // >= 2^16: inf, NaN
+  if (magnitude < 0x38800000u) {                                                               // < 2^-14: subnormal
+    float shifted;
+    std::memcpy(&shifted, &magnitude, 4);
+    shifted += 0.5f;
+    uint32_t out;
+    std::memcpy(&out, &shifted, 4);
+    return static_cast<uint16_t>(sign | (out - 0x3F000000u));
+  }
+  const uint32_t is_odd = (magnitude >> 13) & 1u;  // rebias 127 -> 15, then round the 13 dropped bits to even
+  return static_cast<uint16_t>(sign | ((magnitude - (112u << 23) + 0xFFFu + is_odd) >> 13));
+}
+
+inline uint16_t round_to_16(float value, bool is_bf16) {
+  if (!is_bf16) return float_to_f16(value);
+  // codec.h's float_to_bf16 assumes a finite input; huge steps can overflow to inf - inf here, and torch keeps NaN.
+  return std::isnan(value) ? 0x7FC0u : float_to_bf16(value);
+}
+
+// cos, sin (T, D/2) of angle (token_start + t) * inv_freq[i], the angle in f64 then rounded to f32, as
+// transform.rotary; the rotation itself is f32 (FORMAT.md §5.5 step 3).
+inline void rotary(const std::vector<float>& inv_freq, uint32_t token_start, uint32_t num_tokens,
+                   std::vector<float>* cos_out, std::vector<float>* sin_out) {
+  const size_t half = inv_freq.size();
+  cos_out->resize(size_t(num_tokens) * half);
+  sin_out->resize(size_t(num_tokens) * half);
+  for (uint32_t t = 0; t < num_tokens; ++t) {
+    for (size_t i = 0; i < half; ++i) {
+      const double angle = double(uint64_t(token_start) + t) * double(inv_freq[i]);
+      (*cos_out)[t * half + i] = static_cast<float>(std::cos(angle));
+      (*sin_out)[t * half + i] = static_cast<float>(std::sin(angle));
+    }
+  }
+}
+
+// One token's vector x = y M + mean of (layer, K|V) lk (FORMAT.md §5.5 steps 1-2): y[c] = f32(q) * step[c]
+// as one f32 product, the sum of products in f64 (the format allows any order in f32 or wider), rounded once.
+inline void token_vector(const TransformData& tx, const float* steps, uint32_t lk, const int32_t* q, float* x,
+                         uint32_t width) {
+  const float* mean = tx.mean.data() + uint64_t(lk) * width;
+  const float* matrix = tx.decode_matrix.data() + uint64_t(lk) * width * width;
+  std::vector<double> sum(mean, mean + width);
+  for (uint32_t c = 0; c < width; ++c) {
+    const double y = static_cast<float>(q[c]) * steps[uint64_t(lk) * width + c];
+    if (y == 0) continue;  // most coefficients of a coarse level are 0: skip their row
+    for (uint32_t i = 0; i < width; ++i) sum[i] += y * matrix[uint64_t(c) * width + i];
+  }
+  for (uint32_t i = 0; i < width; ++i) x[i] = static_cast<float>(sum[i]);
+}
+
+// Symbols (L, 2, H, T, D) of a level-6/7 frame -> 16-bit values (L, 2, H, T, D), keys rotated back
+// (FORMAT.md §5.5 steps 1-4 but the escapes, which the caller writes over these). `steps` is the level's (L, 2, W).
+inline void dequantize_transform(const TransformShape& s, const TransformData& tx, const float* steps,
+                                 const int32_t* symbols, uint16_t* out) {
+  const uint32_t D = s.head_dim, half = D / 2, W = s.heads * D, T = s.num_tokens;
+  std::vector<float> cos_t, sin_t, x(W);
+  std::vector<int32_t> q(W);
+  rotary(tx.inv_freq, s.token_start, T, &cos_t, &sin_t);
+  for (uint32_t lk = 0; lk < s.layers * 2; ++lk) {
+    for (uint32_t t = 0; t < T; ++t) {
+      auto at = [&](uint32_t h, uint32_t d) { return ((uint64_t(lk) * s.heads + h) * T + t) * D + d; };
+      for (uint32_t c = 0; c < W; ++c) q[c] = symbols[at(c / D, c % D)] - kMaxCoefficient;  // c = h D + j
+      token_vector(tx, steps, lk, q.data(), x.data(), W);
+      for (uint32_t h = 0; h < s.heads; ++h) {
+        const float* v = x.data() + h * D;
+        if (lk % 2 == 1) {  // values: no rotary embedding
+          for (uint32_t d = 0; d < D; ++d) out[at(h, d)] = round_to_16(v[d], s.is_bf16);
+          continue;
+        }
+        for (uint32_t i = 0; i < half; ++i) {  // keys: pairs (i, i + D/2) rotated by the position's angle
+          const float cs = cos_t[t * half + i], sn = sin_t[t * half + i];
+          out[at(h, i)] = round_to_16(v[i] * cs - v[i + half] * sn, s.is_bf16);
+          out[at(h, i + half)] = round_to_16(v[i + half] * cs + v[i] * sn, s.is_bf16);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cachegen
