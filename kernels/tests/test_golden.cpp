@@ -1,6 +1,8 @@
 // C++ side of the golden-frame tests (STYLE §7): the same frames and verdicts as tests/unit/test_format_golden.py.
 // Usage: test_golden <dir with MANIFEST>; exits non-zero on the first failure.
+#include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <sstream>
@@ -28,11 +30,101 @@ void check(bool ok, const std::string& what) {
   failures += ok ? 0 : 1;
 }
 
+// The two golden tables files. A frame names its tables by BLAKE2b id, a check this reader leaves to its caller;
+// the golden frames of levels 6-7 were coded with the one that has a transform record, all others with the plain.
+struct GoldenTables {
+  cachegen::TablesFile plain, pca;
+};
+
 // Parse and decode one frame; "" when it decodes, else the field the reader rejected.
-std::string verdict(const std::vector<uint8_t>& data, const cachegen::TablesFile& tables, std::vector<uint16_t>* out) {
+std::string verdict(const std::vector<uint8_t>& data, const GoldenTables& tables, std::vector<uint16_t>* out) {
   cachegen::FrameView frame;
   std::string bad = cachegen::parse_frame(data.data(), data.size(), &frame);
-  return bad.empty() ? cachegen::decode_frame(data.data(), frame, &tables, out) : bad;
+  if (!bad.empty()) return bad;
+  return cachegen::decode_frame(data.data(), frame, frame.level >= 6 ? &tables.pca : &tables.plain, out);
+}
+
+// The check a MANIFEST line asks for (FORMAT.md Appendix A): "tables" parse, "mismatch" frames parse but name
+// another model (the caller's comparison, §3.2), "ok" and "transform" frames decode (their values are compared
+// in main), any other verdict is the field a bad frame must be rejected with. "values" files are data.
+void check_entry(const std::string& dir, const std::string& name, const std::string& expect,
+                 const GoldenTables& tables) {
+  const auto data = read_file(dir + "/" + name);
+  if (expect == "values") return;
+  if (expect == "tables") {
+    cachegen::TablesFile parsed;
+    const std::string got = cachegen::parse_tables(data.data(), data.size(), &parsed);
+    check(got.empty(), name + " parses" + (got.empty() ? "" : " (got " + got + ")"));
+    return;
+  }
+  if (expect == "mismatch") {
+    cachegen::FrameView frame;
+    const bool ok = cachegen::parse_frame(data.data(), data.size(), &frame).empty() && frame.model_id != "golden";
+    check(ok, name + " parses and names another model");
+    return;
+  }
+  std::vector<uint16_t> out;
+  const std::string got = verdict(data, tables, &out);
+  const std::string want = expect == "ok" || expect == "transform" ? "" : expect;
+  check(got == want, name + " -> " + (got.empty() ? "ok" : got) + " (want " + expect + ")");
+}
+
+// Within one bf16 step of the reference decoder, the bound tests/unit/test_format_golden.py uses: |got - want| <=
+// |want| 2^-7 + 1e-6. Levels 6-7 end in a sum of products, so decoders agree to f32 rounding only (FORMAT.md §5.5).
+bool within_bf16_step(const std::vector<uint16_t>& got, const std::vector<uint8_t>& want_bytes) {
+  if (got.size() * 2 != want_bytes.size()) return false;
+  for (size_t i = 0; i < got.size(); ++i) {
+    uint16_t bits;
+    std::memcpy(&bits, want_bytes.data() + 2 * i, 2);
+    const float want = cachegen::bf16_to_float(bits), diff = std::fabs(cachegen::bf16_to_float(got[i]) - want);
+    if (!(diff <= std::fabs(want) * 0x1p-7f + 1e-6f)) return false;
+  }
+  return true;
+}
+
+// Whether tokens [0, num_tokens) of every (layer, K|V, head) of got equal those of kv_bytes (both (L, 2, H, T, D)).
+bool same_tokens(const std::vector<uint16_t>& got, const std::vector<uint8_t>& kv_bytes, uint32_t tokens_per_group,
+                 uint32_t head_dim, uint32_t num_tokens) {
+  if (got.size() * 2 != kv_bytes.size()) return false;
+  const auto* kv = reinterpret_cast<const uint16_t*>(kv_bytes.data());
+  for (size_t group = 0; group < got.size() / (size_t(tokens_per_group) * head_dim); ++group) {
+    const size_t at = group * tokens_per_group * head_dim;
+    if (!std::equal(kv + at, kv + at + size_t(num_tokens) * head_dim, got.begin() + at)) return false;
+  }
+  return true;
+}
+
+// tables_small_pca.cgct after edit(body) with its CRC recomputed, so that parsing reaches the edited bytes.
+template <class Edit>
+std::string parse_edited(std::vector<uint8_t> bytes, Edit edit) {
+  bytes.resize(bytes.size() - 4);
+  edit(bytes);
+  const uint32_t crc = cachegen::crc32(bytes.data(), bytes.size());
+  bytes.insert(bytes.end(), reinterpret_cast<const uint8_t*>(&crc), reinterpret_cast<const uint8_t*>(&crc) + 4);
+  cachegen::TablesFile parsed;
+  return cachegen::parse_tables(bytes.data(), bytes.size(), &parsed);
+}
+
+// Bad transform records (FORMAT.md §8.1), made here from the golden pca tables: the golden set has no bad tables
+// file, and the fields named are those cachegen/codec/transform.py read_transform reports.
+void check_bad_transforms(const std::vector<uint8_t>& bytes, const cachegen::TablesFile& pca) {
+  const size_t width = size_t(pca.heads) * pca.head_dim, per_level = size_t(pca.layers) * 2 * width;
+  const size_t steps_at = 12 + 1, inv_freq_at = 12 + pca.transform->steps.size() * (1 + 4 * per_level);
+  const size_t matrix_at = inv_freq_at + 4 * (pca.head_dim / 2) + 4 * per_level;
+  const size_t record = bytes.size() - 4 - (matrix_at + 4 * per_level * width);  // the record ends at the CRC
+  check(std::memcmp(bytes.data() + record, "CGTX", 4) == 0, "tables_small_pca.cgct transform record located");
+  auto put_float = [](std::vector<uint8_t>& b, size_t at, float v) { std::memcpy(b.data() + at, &v, 4); };
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"transform", parse_edited(bytes, [&](auto& b) { b[record + 3] = 'Y'; })},
+      {"transform.steps", parse_edited(bytes, [&](auto& b) { put_float(b, record + steps_at, 0.0f); })},
+      {"transform.inv_freq", parse_edited(bytes, [&](auto& b) { put_float(b, record + inv_freq_at, NAN); })},
+      {"transform.decode_matrix", parse_edited(bytes, [&](auto& b) {  // row 1 = row 0: singular
+         std::memcpy(b.data() + record + matrix_at + 4 * width, b.data() + record + matrix_at, 4 * width);
+       })},
+      {"transform.decode_matrix", parse_edited(bytes, [](auto& b) { b.resize(b.size() - 4); })},
+      {"tables_size", parse_edited(bytes, [](auto& b) { b.resize(b.size() + 4, 0); })},
+  };
+  for (const auto& [want, got] : cases) check(got == want, "bad transform record -> " + got + " (want " + want + ")");
 }
 
 }  // namespace
@@ -40,25 +132,33 @@ std::string verdict(const std::vector<uint8_t>& data, const cachegen::TablesFile
 int main(int argc, char** argv) {
   const std::string dir = argc > 1 ? argv[1] : "tests/golden";
   check(cachegen::crc32(reinterpret_cast<const uint8_t*>("123456789"), 9) == 0xCBF43926u, "crc32 check value");
-  cachegen::TablesFile tables;
-  const auto table_bytes = read_file(dir + "/tables_small.cgct");
-  check(cachegen::parse_tables(table_bytes.data(), table_bytes.size(), &tables).empty(), "tables_small.cgct parses");
+  GoldenTables tables;
+  const auto plain_bytes = read_file(dir + "/tables_small.cgct"), pca_bytes = read_file(dir + "/tables_small_pca.cgct");
+  cachegen::parse_tables(plain_bytes.data(), plain_bytes.size(), &tables.plain);
+  check(cachegen::parse_tables(pca_bytes.data(), pca_bytes.size(), &tables.pca).empty() && tables.pca.transform &&
+            !tables.plain.transform,
+        "tables_small_pca.cgct has a transform record, tables_small.cgct none");
   std::ifstream manifest(dir + "/MANIFEST");
   std::string line;
   while (std::getline(manifest, line)) {
     std::istringstream fields(line);
     std::string name, sha, expect;
-    fields >> name >> sha >> expect;
-    if (expect != "ok" && name.rfind("bad_", 0) != 0) continue;
-    std::vector<uint16_t> out;
-    const std::string got = verdict(read_file(dir + "/" + name), tables, &out);
-    check(got == (expect == "ok" ? "" : expect), name + " -> " + (got.empty() ? "ok" : got) + " (want " + expect + ")");
+    if (fields >> name >> sha >> expect) check_entry(dir, name, expect, tables);
   }
   std::vector<uint16_t> out;
   verdict(read_file(dir + "/lossless_small.bin"), tables, &out);
   check(same_bytes(out, read_file(dir + "/small_kv.bin")), "lossless_small.bin decodes to small_kv.bin");
   verdict(read_file(dir + "/q32_small.bin"), tables, &out);
   check(same_bytes(out, read_file(dir + "/q32_small_decoded.bin")), "q32_small.bin decodes to q32_small_decoded.bin");
+  const auto pca2 = read_file(dir + "/pca2_small.bin");
+  check(verdict(pca2, tables, &out).empty() && within_bf16_step(out, read_file(dir + "/pca2_small_decoded.bin")),
+        "pca2_small.bin decodes to pca2_small_decoded.bin within one bf16 step");
+  check(same_tokens(out, read_file(dir + "/small_kv.bin"), 40, 16, 4), "pca2_small.bin sink tokens 0-3 exact (raw)");
+  cachegen::FrameView frame;
+  cachegen::parse_frame(pca2.data(), pca2.size(), &frame);
+  check(cachegen::decode_frame(pca2.data(), frame, &tables.plain, &out) == "tables",
+        "pca2_small.bin with tables lacking a transform record -> tables");
+  check_bad_transforms(pca_bytes, tables.pca);
   std::printf("%d failure(s)\n", failures);
   return failures ? 1 : 0;
 }
