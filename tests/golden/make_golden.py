@@ -76,7 +76,7 @@ def build() -> dict[str, tuple[bytes, str]]:
         "bad_rans_state.bin": (edited(q32, words_end - 8, "<I", 0x12345, True), "rans_final_state"),
         "wrong_model.bin": (encode(kv, SMALL, b"other", level=0), "mismatch"),
         # Levels 6-7 (FORMAT.md §5.5): their decode is exact only to f32 rounding, so "transform" entries are
-        # checked by the Python tests within a tolerance; the C++ golden test covers levels 0-5.
+        # checked within a tolerance, by the Python tests and the C++ golden test alike.
         "tables_small_pca.cgct": (pca_tables.to_bytes(), "tables"),
         "pca2_small.bin": (pca2, "transform"),
         "pca2_small_decoded.bin": (b"", "values"),  # filled in by the writer from the reference decoder
