@@ -107,24 +107,35 @@ void group_rows(const LevelDesc& d, uint32_t g, std::vector<LookupRow>& rows, st
   }
 }
 
+// The token shifts of block b of group g (layer g / (2 heads)): nullptr without LevelDesc::token_shift.
+const int8_t* block_shift(const LevelDesc& d, const StreamPlan& p, uint32_t g, uint32_t b) {
+  if (d.token_shift == nullptr) return nullptr;
+  return d.token_shift + uint64_t(g / (2 * d.heads)) * d.num_tokens + p.first_token(b);
+}
+
 // Decodes blocks [b, b + kLanes) of group g together; reports each failed stream through fail(stream, is_symbol).
-template <uint32_t kLanes, class MakeSink, class Fail>
+// kShifted: d.token_shift is set, and each lane's rows move per token (lanes.h).
+template <uint32_t kLanes, bool kShifted, class MakeSink, class Fail>
 void decode_blocks(const LevelDesc& d, const StreamPlan& p, uint32_t g, uint32_t b, const uint32_t* words,
                    const uint64_t* offsets, const uint32_t* sizes, const GroupRows& rows, uint8_t* scratch,
                    MakeSink& make_sink, Fail& fail) {
   const uint64_t s = uint64_t(g) * p.per_group + b;
   Lane lanes[kLanes];
   decltype(make_sink(0u, 0u, 0u)) sinks[kLanes];
+  const int8_t* shifts[kLanes];
   for (uint32_t k = 0; k < kLanes; ++k) {
     lanes[k] = start_lane(words + offsets[s + k], sizes[s + k]);
     sinks[k] = make_sink(g, p.first_token(b + k), p.tokens(b + k));
+    if constexpr (kShifted) shifts[k] = block_shift(d, p, g, b + k);  // unshifted: no code at all (lanes.h)
   }
-  const uint32_t bad = decode_lanes<kLanes>(lanes, p.tokens(b), rows, d.per_token, d.tables.alphabet, sinks, scratch);
+  const uint32_t bad = decode_lanes<kLanes, kShifted>(lanes, p.tokens(b), rows, d.per_token, d.tables.alphabet, sinks,
+                                                      scratch, shifts);
   for (uint32_t k = 0; k < kLanes; ++k) if (bad >> k & 1) fail(s + k, sinks[k].is_bad());
 }
 
 // Decodes every stream: full blocks 8 and then 4 at a time, the rest (and the short tail block) one by one.
-template <class MakeSink>
+// kShifted must say whether d.token_shift is set (the unshifted lane loop is the fast path, kept apart).
+template <bool kShifted, class MakeSink>
 Status decode_all(const LevelDesc& d, const uint32_t* words, uint64_t num_words, const uint32_t* sizes,
                   int num_threads, int64_t* bad_stream, MakeSink make_sink) {
   if (d.tables.slots == nullptr || d.tables.bounds == nullptr) return kBadArgument;
@@ -146,9 +157,11 @@ Status decode_all(const LevelDesc& d, const uint32_t* words, uint64_t num_words,
     uint8_t* syms = scratch.data();
     const uint64_t* o = offsets.data();
     uint32_t b = 0;
-    for (; b + 8 <= p.full_blocks; b += 8) decode_blocks<8>(d, p, g, b, words, o, sizes, gr, syms, make_sink, fail);
-    for (; b + 4 <= p.full_blocks; b += 4) decode_blocks<4>(d, p, g, b, words, o, sizes, gr, syms, make_sink, fail);
-    for (; b < p.per_group; ++b) decode_blocks<1>(d, p, g, b, words, o, sizes, gr, syms, make_sink, fail);
+    for (; b + 8 <= p.full_blocks; b += 8)
+      decode_blocks<8, kShifted>(d, p, g, b, words, o, sizes, gr, syms, make_sink, fail);
+    for (; b + 4 <= p.full_blocks; b += 4)
+      decode_blocks<4, kShifted>(d, p, g, b, words, o, sizes, gr, syms, make_sink, fail);
+    for (; b < p.per_group; ++b) decode_blocks<1, kShifted>(d, p, g, b, words, o, sizes, gr, syms, make_sink, fail);
   });
   *bad_stream = first_bad.load();
   return static_cast<Status>(status.load());
@@ -182,7 +195,8 @@ uint64_t encode_symbols_cpu(const LevelDesc& d, const int32_t* symbols, uint32_t
     for (uint32_t b = 0; b < p.per_group; ++b) {
       const uint64_t s = uint64_t(g) * p.per_group + b;
       const int32_t* src = symbols + (uint64_t(g) * d.num_tokens + p.first_token(b)) * d.per_token;
-      sizes[s] = encode_stream(src, p.tokens(b) * d.per_token, row, d.per_token, d.tables, words + s * capacity);
+      sizes[s] = encode_stream(src, p.tokens(b) * d.per_token, row, d.per_token, d.tables, words + s * capacity,
+                               block_shift(d, p, g, b));
     }
   });
   uint64_t total = 0;  // compact the per-stream scratch slots into one run, in stream order
@@ -195,29 +209,32 @@ uint64_t encode_symbols_cpu(const LevelDesc& d, const int32_t* symbols, uint32_t
 
 Status decode_symbols_cpu(const LevelDesc& d, const uint32_t* words, uint64_t num_words, const uint32_t* sizes,
                           int32_t* symbols, int num_threads, int64_t* bad_stream) {
-  return decode_all(d, words, num_words, sizes, num_threads, bad_stream, [&](uint32_t g, uint32_t t0, uint32_t) {
+  auto make_sink = [&](uint32_t g, uint32_t t0, uint32_t) {
     return SymbolSink{symbols + (uint64_t(g) * d.num_tokens + t0) * d.per_token, d.per_token};
-  });
+  };
+  if (d.token_shift != nullptr) return decode_all<true>(d, words, num_words, sizes, num_threads, bad_stream, make_sink);
+  return decode_all<false>(d, words, num_words, sizes, num_threads, bad_stream, make_sink);
 }
 
 Status decode_values_cpu(const LevelDesc& d, const uint32_t* words, uint64_t num_words, const uint32_t* sizes,
                          const uint16_t* scales, const uint16_t* bins, uint16_t* out, int num_threads,
                          int64_t* bad_stream) {
+  if (d.token_shift != nullptr) return kBadArgument;  // transform levels with shifts decode to symbols only
   if (!bins) {  // lossless: P = 2 * head_dim symbols per token, two per output value
-    return decode_all(d, words, num_words, sizes, num_threads, bad_stream, [&](uint32_t g, uint32_t t0, uint32_t) {
+    auto make_sink = [&](uint32_t g, uint32_t t0, uint32_t) {
       return BytesSink{out + (uint64_t(g) * d.num_tokens + t0) * (d.per_token / 2), d.per_token};
-    });
+    };
+    return decode_all<false>(d, words, num_words, sizes, num_threads, bad_stream, make_sink);
   }
-  Status st = decode_all(d, words, num_words, sizes, num_threads, bad_stream,
-                         [&](uint32_t g, uint32_t t0, uint32_t tokens) {
-                           const uint32_t layer_kv = g / d.heads;  // (layer, K|V) of group (layer, K|V, head)
-                           QuantSink sink{out + (uint64_t(g) * d.num_tokens + t0) * d.per_token, d.per_token,
-                                          bins[layer_kv] / 2u - 1u, bins[layer_kv] - 2u, {}, 0};
-                           for (uint32_t t = 0; t < tokens; ++t)
-                             sink.steps[t] = dequant_step(scales[uint64_t(layer_kv) * d.num_tokens + t0 + t], sink.half);
-                           return sink;
-                         });
-  return st;
+  auto make_sink = [&](uint32_t g, uint32_t t0, uint32_t tokens) {
+    const uint32_t layer_kv = g / d.heads;  // (layer, K|V) of group (layer, K|V, head)
+    QuantSink sink{out + (uint64_t(g) * d.num_tokens + t0) * d.per_token, d.per_token, bins[layer_kv] / 2u - 1u,
+                   bins[layer_kv] - 2u, {}, 0};
+    for (uint32_t t = 0; t < tokens; ++t)
+      sink.steps[t] = dequant_step(scales[uint64_t(layer_kv) * d.num_tokens + t0 + t], sink.half);
+    return sink;
+  };
+  return decode_all<false>(d, words, num_words, sizes, num_threads, bad_stream, make_sink);
 }
 
 }  // namespace cachegen

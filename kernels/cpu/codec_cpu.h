@@ -13,6 +13,10 @@ struct LevelDesc {
   const uint32_t* table_map;  // (layers, 2, heads, per_token) table rows
   uint32_t num_tables;
   TableSet tables;
+  // Optional (layers, num_tokens) table shifts (nullptr: none), for levels whose tokens have step classes: the
+  // symbol at (l, kv, h, t, c) uses table table_map[l, kv, h, c] + token_shift[l * num_tokens + t]. The caller
+  // checks that every such index lies in [0, num_tables). Only the symbol coders take it (decode_values_cpu: none).
+  const int8_t* token_shift = nullptr;
 };
 
 uint64_t num_streams(const LevelDesc& d);
@@ -34,6 +38,7 @@ Status decode_symbols_cpu(const LevelDesc& d, const uint32_t* words, uint64_t nu
 
 // Fused decode into 16-bit output values (layers, 2, heads, tokens, head_dim): quantized levels dequantize
 // with bf16 `scales` (layers, 2, tokens) and `bins` (layers, 2) into bf16; lossless (bins == nullptr) joins bytes.
+// kBadArgument with d.token_shift set: levels with shifts decode to symbols only.
 Status decode_values_cpu(const LevelDesc& d, const uint32_t* words, uint64_t num_words, const uint32_t* sizes,
                          const uint16_t* scales, const uint16_t* bins, uint16_t* out, int num_threads,
                          int64_t* bad_stream);

@@ -81,22 +81,57 @@ inline void decode_columns(Lane* lane, const GroupRows& g, uint32_t c, uint32_t 
   }
 }
 
+// A lane's current token moves every column's lookup row by `shift` tables (LevelDesc::token_shift): that many
+// rows of 256 slots and of alphabet + 2 bounds.
+struct RowMove {
+  int64_t slots, bounds;
+};
+
+inline LookupRow moved_row(const LookupRow& row, const RowMove& move) {
+  return {row.slots + move.slots, row.bounds + move.bounds};
+}
+
+// decode_columns when rows vary per token: lane k reads its rows moved by move[k]. Its own function, not a flag of
+// decode_columns: any change to that one's code (even dead parameters) cost the unshifted levels ~4% (spills).
+// No prefetch: the lanes' rows differ per token, and on 80 tables of 255 symbols shared by every group (so they
+// stay in L2) fetching lane 0's next rows cost 13%, two or all lanes' more. Measured without prefetch in either
+// loop: 0.89x the unshifted loop's speed with random shifts, 0.96x with all-zero shifts.
+template <bool kChecked, uint32_t kLanes>
+inline void decode_columns_moved(Lane* lane, const GroupRows& g, const RowMove* move, uint32_t c, uint32_t end,
+                                 uint32_t per_token, uint32_t alphabet, uint8_t* syms) {
+  for (; c < end; ++c) {
+    const LookupRow row = g.rows[c];
+#pragma GCC unroll 8
+    for (uint32_t k = 0; k < kLanes; ++k)
+      syms[k * per_token + c] = static_cast<uint8_t>(lane_step<kChecked>(lane[k], moved_row(row, move[k]), alphabet));
+  }
+}
+
 // Decode `tokens` tokens of kLanes equal-length streams of group g. Each token's symbols collect in syms
-// (kLanes * per_token bytes, lane-major), then sinks[k].put(token, lane k's symbols) stores them.
+// (kLanes * per_token bytes, lane-major), then sinks[k].put(token, lane k's symbols) stores them. kShifted: lane k's
+// token t moves its rows by shifts[k][t] tables (shifts: nullptr otherwise).
 // Returns a bitmask of the lanes that failed their final check or their sink's.
-template <uint32_t kLanes, class Sink>
+template <uint32_t kLanes, bool kShifted, class Sink>
 uint32_t decode_lanes(Lane* lanes, uint32_t tokens, const GroupRows& g, uint32_t per_token, uint32_t alphabet,
-                      Sink* sinks, uint8_t* syms) {
+                      Sink* sinks, uint8_t* syms, const int8_t* const* shifts) {
   Lane lane[kLanes];
   for (uint32_t k = 0; k < kLanes; ++k) lane[k] = lanes[k];
+  RowMove move[kLanes];
   for (uint32_t token = 0; token < tokens; ++token) {
+    if constexpr (kShifted)
+      for (uint32_t k = 0; k < kLanes; ++k) move[k] = {shifts[k][token] * 256ll, shifts[k][token] * (alphabet + 2ll)};
     for (uint32_t c = 0; c < per_token; c += kBatch) {
       // A step takes at most one word: with kBatch words left in every lane, no step of the batch checks for one.
       uint32_t fewest = lane[0].remaining;
       for (uint32_t k = 1; k < kLanes; ++k) fewest = lane[k].remaining < fewest ? lane[k].remaining : fewest;
       const uint32_t end = c + kBatch < per_token ? c + kBatch : per_token;
-      if (fewest >= kBatch) decode_columns<false, kLanes>(lane, g, c, end, per_token, alphabet, syms);
-      else decode_columns<true, kLanes>(lane, g, c, end, per_token, alphabet, syms);
+      if constexpr (kShifted) {
+        if (fewest >= kBatch) decode_columns_moved<false, kLanes>(lane, g, move, c, end, per_token, alphabet, syms);
+        else decode_columns_moved<true, kLanes>(lane, g, move, c, end, per_token, alphabet, syms);
+      } else {
+        if (fewest >= kBatch) decode_columns<false, kLanes>(lane, g, c, end, per_token, alphabet, syms);
+        else decode_columns<true, kLanes>(lane, g, c, end, per_token, alphabet, syms);
+      }
     }
     for (uint32_t k = 0; k < kLanes; ++k) sinks[k].put(token, syms + k * per_token);
   }

@@ -120,13 +120,16 @@ CG_HD Status decode_stream(const uint32_t* words, uint32_t num_words, uint32_t c
   return (state == 0 && remaining == 0) ? kOk : kBadFinalState;
 }
 
-// Encode one stream into `out` (capacity count + 2 words), in constriction's get_compressed() order.
+// Encode one stream into `out` (capacity count + 2 words), in constriction's get_compressed() order. Position j
+// uses table row[j % per_token], moved by shift[j / per_token] tables when shift is given (one per token; the
+// caller checks every resulting table exists). Unsigned wrap-around makes a negative shift subtract.
 CG_HD uint32_t encode_stream(const int32_t* symbols, uint32_t count, const uint32_t* row, uint32_t per_token,
-                             const TableSet& t, uint32_t* out) {
+                             const TableSet& t, uint32_t* out, const int8_t* shift = nullptr) {
   uint64_t state = 0;
   uint32_t n = 0;
   for (uint32_t j = count; j-- > 0;) {  // a stack: backwards, so the decoder pops forwards
-    const uint64_t base = static_cast<uint64_t>(row[j % per_token]) * t.alphabet + symbols[j];
+    const uint32_t moved = shift != nullptr ? static_cast<uint32_t>(shift[j / per_token]) : 0u;
+    const uint64_t base = static_cast<uint64_t>(row[j % per_token] + moved) * t.alphabet + symbols[j];
     const uint64_t f = t.freq[base];
     if ((state >> (64 - kPrecision)) >= f) {
       out[n++] = static_cast<uint32_t>(state);
