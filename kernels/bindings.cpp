@@ -40,15 +40,48 @@ bool parse_desc(PyObject* desc, Py_buffer* map, Py_buffer* freq, Py_buffer* cum,
 
 PyObject* status_tuple(cachegen::Status st, int64_t bad) { return Py_BuildValue("(iL)", int(st), (long long)bad); }
 
-// encode_symbols(desc, table_map, freq, cum, symbols, threads) -> (sizes: bytes, words: bytes)
+// Smallest and largest of n int8 or u32 values: plain reductions, so the check below vectorizes.
+template <class T>
+void min_max(const T* data, uint64_t n, int64_t* lo, int64_t* hi) {
+  T a = data[0], b = data[0];
+  for (uint64_t i = 1; i < n; ++i) {
+    a = data[i] < a ? data[i] : a;
+    b = data[i] > b ? data[i] : b;
+  }
+  *lo = a;
+  *hi = b;
+}
+
+// Attach the optional token shifts (None, or (layers, num_tokens) int8 in `shift`) to d after checking their size
+// and that every table index map + shift lies in [0, num_tables): each layer's map entries meet each of its
+// shifts, so the extremes of both per layer decide.
+bool attach_shift(PyObject* obj, Py_buffer* shift, Buffers& guard, LevelDesc* d) {
+  if (obj == Py_None) return true;
+  if (PyObject_GetBuffer(obj, shift, PyBUF_SIMPLE) != 0) return false;
+  guard.held.push_back(shift);
+  if (!need(uint64_t(shift->len) == uint64_t(d->layers) * d->num_tokens, "token_shift size")) return false;
+  const int8_t* s = static_cast<const int8_t*>(shift->buf);
+  const uint64_t cells = uint64_t(2) * d->heads * d->per_token;  // map entries of one layer
+  for (uint32_t l = 0; l < d->layers && cells != 0; ++l) {  // (no heads: no symbols, so no index to check)
+    int64_t map_lo, map_hi, shift_lo, shift_hi;
+    min_max(d->table_map + l * cells, cells, &map_lo, &map_hi);
+    min_max(s + uint64_t(l) * d->num_tokens, d->num_tokens, &shift_lo, &shift_hi);
+    if (!need(map_lo + shift_lo >= 0 && map_hi + shift_hi < int64_t(d->num_tables), "token_shift table out of range"))
+      return false;
+  }
+  d->token_shift = s;
+  return true;
+}
+
+// encode_symbols(desc, table_map, freq, cum, symbols, threads[, token_shift]) -> (sizes: bytes, words: bytes)
 PyObject* encode_symbols(PyObject*, PyObject* args) {
-  PyObject* desc;
-  Py_buffer map, freq, cum, sym;
+  PyObject *desc, *shift_obj = Py_None;
+  Py_buffer map, freq, cum, sym, shift{};
   int threads;
-  if (!PyArg_ParseTuple(args, "Oy*y*y*y*i", &desc, &map, &freq, &cum, &sym, &threads)) return nullptr;
+  if (!PyArg_ParseTuple(args, "Oy*y*y*y*i|O", &desc, &map, &freq, &cum, &sym, &threads, &shift_obj)) return nullptr;
   Buffers guard{{&map, &freq, &cum, &sym}};
   LevelDesc d;
-  if (!parse_desc(desc, &map, &freq, &cum, &d)) return nullptr;
+  if (!parse_desc(desc, &map, &freq, &cum, &d) || !attach_shift(shift_obj, &shift, guard, &d)) return nullptr;
   const uint64_t count = uint64_t(d.layers) * 2 * d.heads * d.num_tokens * d.per_token;
   if (!need(uint64_t(sym.len) == count * 4, "symbols size")) return nullptr;
   const int32_t* s = static_cast<const int32_t*>(sym.buf);
@@ -83,19 +116,23 @@ bool attach_lookup(const Py_buffer& slots, const Py_buffer& bounds, LevelDesc* d
   return true;
 }
 
-// decode(desc, table_map, freq, cum, slots, bounds, words, sizes, scales|None, bins|None, out, mode, threads)
-//   -> (status, first bad stream); slots and bounds: the lookup of cachegen::TableSet (FORMAT-independent).
+// decode(desc, table_map, freq, cum, slots, bounds, words, sizes, scales|None, bins|None, out, mode, threads
+//        [, token_shift|None]) -> (status, first bad stream); slots and bounds: the lookup of cachegen::TableSet.
 // mode 0: int32 symbols into out; mode 1: fused 16-bit values (bf16 dequant when bins given, else bytes joined).
+// token_shift (int8 (layers, num_tokens)): mode 0 only.
 PyObject* decode(PyObject*, PyObject* args) {
-  PyObject *desc, *scales_obj, *bins_obj;
-  Py_buffer map, freq, cum, slots, bounds, words, sizes, out, scales{}, bins{};
+  PyObject *desc, *scales_obj, *bins_obj, *shift_obj = Py_None;
+  Py_buffer map, freq, cum, slots, bounds, words, sizes, out, scales{}, bins{}, shift{};
   int mode, threads;
-  if (!PyArg_ParseTuple(args, "Oy*y*y*y*y*y*y*OOw*ii", &desc, &map, &freq, &cum, &slots, &bounds, &words, &sizes,
-                        &scales_obj, &bins_obj, &out, &mode, &threads))
+  if (!PyArg_ParseTuple(args, "Oy*y*y*y*y*y*y*OOw*ii|O", &desc, &map, &freq, &cum, &slots, &bounds, &words, &sizes,
+                        &scales_obj, &bins_obj, &out, &mode, &threads, &shift_obj))
     return nullptr;
   Buffers guard{{&map, &freq, &cum, &slots, &bounds, &words, &sizes, &out}};
   LevelDesc d;
-  if (!parse_desc(desc, &map, &freq, &cum, &d) || !attach_lookup(slots, bounds, &d)) return nullptr;
+  if (!parse_desc(desc, &map, &freq, &cum, &d) || !attach_lookup(slots, bounds, &d) ||
+      !need(shift_obj == Py_None || mode == 0, "token_shift decodes to symbols only (no fused mode)") ||
+      !attach_shift(shift_obj, &shift, guard, &d))
+    return nullptr;
   const bool is_quant = bins_obj != Py_None;
   if (is_quant) {
     if (PyObject_GetBuffer(scales_obj, &scales, PyBUF_SIMPLE) != 0) return nullptr;
@@ -146,5 +183,6 @@ PyMODINIT_FUNC PyInit__cpu() {
   PyModule_AddIntConstant(m, "PRECISION", cachegen::kPrecision);
   PyModule_AddIntConstant(m, "STREAM_TOKENS", cachegen::kStreamTokens);
   PyModule_AddIntConstant(m, "HEADER_SIZE", cachegen::kHeaderSize);
+  PyModule_AddIntConstant(m, "HAS_TOKEN_SHIFT", 1);  // encode_symbols and decode take token_shift
   return m;
 }

@@ -47,6 +47,11 @@ def has_cuda() -> bool:
     return _CUDA is not None and bool(_CUDA.cachegen_cuda_device_count()) and torch.cuda.is_available()
 
 
+def has_token_shift() -> bool:
+    """True when the CPU extension takes ``token_shift`` in ``encode_symbols`` and ``decode`` (feature test)."""
+    return _CPU is not None and bool(getattr(_CPU, "HAS_TOKEN_SHIFT", 0))
+
+
 def constants() -> dict[str, int]:
     """Numbers the extension was compiled with (kernels/include/cachegen/spec.h), for the parity test."""
     assert _CPU is not None, "CPU extension not built"
@@ -62,11 +67,27 @@ def _desc(entry: LevelTables, shape: tuple[int, ...]) -> tuple:
     return args, np.ascontiguousarray(entry.table_map, "<u4"), freq, np.ascontiguousarray(entry.tables.cum, "<u4")
 
 
-def encode_symbols(symbols: np.ndarray, entry: LevelTables, num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Same contract and bytes as ``coded.encode_symbols``."""
+def _shift_arg(token_shift: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``token_shift`` as the extension takes it: None, or C-contiguous int8 (layers, num_tokens); ValueError else."""
+    if token_shift is None:
+        return None
+    expected = (shape[0], shape[3])
+    if token_shift.dtype != np.int8 or token_shift.shape != expected:
+        raise ValueError(f"token_shift must be int8 {expected}, got {token_shift.dtype} {token_shift.shape}")
+    return np.ascontiguousarray(token_shift)
+
+
+def encode_symbols(
+    symbols: np.ndarray, entry: LevelTables, num_threads: int = 1, token_shift: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Same contract and bytes as ``coded.encode_symbols``. ``token_shift`` (changes the bitstream): None, or int8
+    (layers, num_tokens) moving the table of every symbol of (layer, token) from ``table_map[l, kv, h, c]`` to that
+    plus ``token_shift[l, t]``; ValueError unless every such table exists. ``num_threads``: runtime only."""
     assert _CPU is not None
     args, table_map, freq, cum = _desc(entry, symbols.shape)
-    sizes, words = _CPU.encode_symbols(args, table_map, freq, cum, np.ascontiguousarray(symbols, "<i4"), num_threads)
+    shift = _shift_arg(token_shift, symbols.shape)
+    symbols = np.ascontiguousarray(symbols, "<i4")
+    sizes, words = _CPU.encode_symbols(args, table_map, freq, cum, symbols, num_threads, shift)
     return np.frombuffer(sizes, "<u4"), np.frombuffer(words, "<u4")
 
 
@@ -77,11 +98,17 @@ def decode(
     shape: tuple[int, ...],
     fused: tuple | None,
     num_threads: int = 1,
+    token_shift: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int, int]:
     """Decode streams; ``fused=None`` gives int32 symbols of ``shape``, ``(scales, bins)`` or ``()`` gives 16-bit
-    values (bf16-dequantized, or lossless bytes joined). Returns (array, status, first bad stream)."""
+    values (bf16-dequantized, or lossless bytes joined). Returns (array, status, first bad stream).
+    ``token_shift``: as ``encode_symbols`` took it (None, or int8 (layers, num_tokens)); symbols only, so
+    ValueError with ``fused`` not None."""
     assert _CPU is not None
+    if token_shift is not None and fused is not None:
+        raise ValueError("token_shift decodes to symbols only: fused must be None")
     args, table_map, freq, cum = _desc(entry, shape)
+    shift = _shift_arg(token_shift, shape)
     if fused is None:
         out = np.empty(shape, np.int32)
         scales = bins = None
@@ -91,7 +118,7 @@ def decode(
         scales, bins = (np.ascontiguousarray(f, "<u2") for f in fused) if fused else (None, None)
     status, bad = _CPU.decode(
         args, table_map, freq, cum, entry.slots, entry.bounds, np.ascontiguousarray(words, "<u4"),
-        np.ascontiguousarray(sizes, "<u4"), scales, bins, out, 0 if fused is None else 1, num_threads,
+        np.ascontiguousarray(sizes, "<u4"), scales, bins, out, 0 if fused is None else 1, num_threads, shift,
     )  # fmt: skip
     return out, status, bad
 
