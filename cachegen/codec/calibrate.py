@@ -7,12 +7,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cachegen.codec import quant
+from cachegen.codec import quant, token_classes
 from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.codec.rans import Tables
 from cachegen.codec.tables import CodecTables, LevelTables, freq_from_counts
 from cachegen.codec.tensors import check_kv, kv_bits, kv_values
-from cachegen.codec.transform import Transform, quantize
+from cachegen.codec.transform import Transform, coefficients, quantize, to_vectors
 from cachegen.spec import KVLayout
 
 PSEUDO_COUNT = 0.05
@@ -39,11 +39,31 @@ def symbols_of(kv: torch.Tensor, bins: np.ndarray | None) -> tuple[np.ndarray, n
     return quant.quantize(values, scales, bins), scales
 
 
-def level_symbols(kv: torch.Tensor, level: int, bins: np.ndarray | None, transform: Transform | None) -> np.ndarray:
-    """Symbols (L, 2, H, T, P) of ``kv`` at ``level`` as its frames code them (context position 0)."""
-    if transform is not None and SCHEME_BY_LEVEL[level].is_transform:
-        return quantize(kv, transform, level, 0)[0]
-    return symbols_of(kv, bins)[0]
+def level_symbols(
+    kv: torch.Tensor, level: int, bins: np.ndarray | None, transform: Transform | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Symbols (L, 2, H, T, P) of ``kv`` at ``level`` as its frames code them (context position 0), and the
+    token-adaptive level's (L, T) table shifts (None on other levels)."""
+    scheme = SCHEME_BY_LEVEL[level]
+    if transform is not None and scheme.is_transform:
+        symbols, _, classes = quantize(kv, transform, level, 0, scheme.token_adaptive)
+        return symbols, None if classes is None else token_classes.SHIFTS[classes]
+    return symbols_of(kv, bins)[0], None
+
+
+def table_ids(table_map: np.ndarray, shift: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """Table of every symbol (L, 2, H, T, P): ``table_map`` per column, plus the token's shift (FORMAT.md §5.6)."""
+    ids = np.broadcast_to(table_map[:, :, :, None, :].astype(np.int64), shape)
+    return ids if shift is None else ids + shift.astype(np.int64)[:, None, None, :, None]
+
+
+def ladder_table_map(samples: Sequence[torch.Tensor], transform: Transform, level: int, layout: KVLayout):
+    """(L, 2, H, D) ladder rows of the token-adaptive level: each coefficient's mean |value| over the samples
+    (sinks left out) against its step."""
+    coefs = torch.cat([coefficients(to_vectors(kv, transform.inv_freq, 0), transform)[:, :, transform.num_sinks :]
+                       for kv in samples], 2)  # fmt: skip
+    rows = token_classes.ladder_map(coefs.abs().mean(2).numpy(), transform.steps[level])
+    return rows.reshape(layout.num_layers, 2, layout.num_kv_heads, layout.head_dim)
 
 
 def _level_tables(
@@ -57,17 +77,21 @@ def _level_tables(
     bins = scheme.bins(layout.num_layers, sensitivity)
     if scheme.is_lossless:
         table_map, alphabet, allowed = lossless_map(layout), 256, None
+    elif scheme.token_adaptive:
+        assert transform is not None
+        table_map, alphabet = ladder_table_map(samples, transform, level, layout), 255
+        allowed = np.full(token_classes.LADDER_TABLES, 255)
     else:
         shape = (layout.num_layers, 2, layout.num_kv_heads, layout.head_dim)
         table_map = np.arange(int(np.prod(shape)), dtype=np.uint32).reshape(shape)
         alphabet = int(bins.max()) - 1
         allowed = np.broadcast_to((bins.astype(np.int64) - 1)[:, :, None, None], shape).ravel()
-    num_tables = int(table_map.max()) + 1
+    num_tables = token_classes.LADDER_TABLES if scheme.token_adaptive else int(table_map.max()) + 1
     counts = np.zeros(num_tables * alphabet, np.float64)
     for kv in samples:
-        symbols = level_symbols(kv, level, None if scheme.is_lossless else bins, transform)
-        ids = np.broadcast_to(table_map[:, :, :, None, :], symbols.shape)
-        counts += np.bincount((ids.astype(np.int64) * alphabet + symbols).ravel(), minlength=counts.size)
+        symbols, shift = level_symbols(kv, level, None if scheme.is_lossless else bins, transform)
+        ids = table_ids(table_map, shift, symbols.shape)
+        counts += np.bincount((ids * alphabet + symbols).ravel(), minlength=counts.size)
     counts = counts.reshape(num_tables, alphabet)
     if allowed is None:
         counts += PSEUDO_COUNT
@@ -97,6 +121,7 @@ def calibrate(
     wanted = [
         level for level, scheme in sorted(SCHEME_BY_LEVEL.items())
         if (not scheme.is_lossless or layout.dtype != "float32") and (not scheme.is_transform or level in steps)
+        and (not scheme.token_adaptive or transform.probe is not None)
     ]  # fmt: skip
     levels = tuple(_level_tables(samples, level, layout, sensitivity, transform) for level in wanted)
     return CodecTables(layout, bytes(model_id), levels, transform)

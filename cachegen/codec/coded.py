@@ -12,6 +12,7 @@ from cachegen.errors import FormatError
 from cachegen.spec import KVLayout
 
 SECTION_TABLES_ID, SECTION_SCALES, SECTION_STREAM_SIZES, SECTION_WORDS, SECTION_ESCAPES = 2, 3, 4, 5, 6
+SECTION_TOKEN_CLASSES = 7
 
 
 def num_blocks(num_tokens: int) -> int:
@@ -27,13 +28,26 @@ def _block_spans(num_tokens: int) -> list[tuple[int, int, int]]:
     return spans
 
 
-def _table_ids(table_map: np.ndarray, block_tokens: int, blocks: int) -> np.ndarray:
-    """Table of each stream position: table_map[layer, kv, head, position mod P] (FORMAT.md §5.3)."""
-    per_group = table_map.reshape(-1, table_map.shape[-1])  # (L*2*H, P)
-    return np.repeat(np.tile(per_group, (1, block_tokens)), blocks, axis=0)
+def _table_ids(
+    table_map: np.ndarray, first: int, block_tokens: int, blocks: int, token_shift: np.ndarray | None = None
+) -> np.ndarray:
+    """Table of each stream position of the blocks from token ``first``: table_map[layer, kv, head, position mod
+    P] (FORMAT.md §5.3), plus ``token_shift[layer, token]`` (L, T) on the token-adaptive level (§5.6)."""
+    per_group = table_map.reshape(-1, table_map.shape[-1]).astype(np.int64)  # (L*2*H, P)
+    ids = np.repeat(np.tile(per_group, (1, block_tokens)), blocks, axis=0)
+    if token_shift is None:
+        return ids
+    layers, per_token = table_map.shape[0], table_map.shape[-1]
+    span = token_shift[:, first : first + block_tokens * blocks].astype(np.int64)  # (L, blocks * block)
+    shift = span.reshape(layers, 1, blocks, block_tokens, 1)  # one layer's shift for its K, V and every head
+    groups_per_layer = per_group.shape[0] // layers
+    shift = np.broadcast_to(shift, (layers, groups_per_layer, blocks, block_tokens, per_token))
+    return ids + shift.reshape(ids.shape)
 
 
-def encode_symbols(symbols: np.ndarray, level: LevelTables) -> tuple[np.ndarray, np.ndarray]:
+def encode_symbols(
+    symbols: np.ndarray, level: LevelTables, token_shift: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """rANS-code (L, 2, H, T, P) symbols; returns (num_words per stream, words) in FORMAT.md §5.3 order:
     streams by (layer, K|V, head, token block), the short tail block last within its head."""
     groups = int(np.prod(symbols.shape[:3]))
@@ -42,7 +56,8 @@ def encode_symbols(symbols: np.ndarray, level: LevelTables) -> tuple[np.ndarray,
     sizes: list[list[np.ndarray]] = [[] for _ in range(groups)]
     for first, block, blocks in _block_spans(symbols.shape[3]):
         part = per_group[:, first : first + block * blocks].reshape(groups * blocks, -1)
-        words, counts = rans.encode_streams(part, _table_ids(level.table_map, block, blocks), level.tables)
+        ids = _table_ids(level.table_map, first, block, blocks, token_shift)
+        words, counts = rans.encode_streams(part, ids, level.tables)
         split = np.split(words, np.cumsum(counts.astype(np.int64))[:-1])
         for stream, chunk in enumerate(split):
             pieces[stream // blocks].append(chunk)
@@ -52,7 +67,9 @@ def encode_symbols(symbols: np.ndarray, level: LevelTables) -> tuple[np.ndarray,
     return np.concatenate([s for group in sizes for s in group]).astype(np.uint32), np.concatenate(all_words)
 
 
-def decode_symbols(sizes: np.ndarray, words: np.ndarray, level: LevelTables, shape: tuple) -> np.ndarray:
+def decode_symbols(
+    sizes: np.ndarray, words: np.ndarray, level: LevelTables, shape: tuple, token_shift: np.ndarray | None = None
+) -> np.ndarray:
     """Inverse of ``encode_symbols`` for symbols of ``shape`` (L, 2, H, T, P); FormatError on a bad stream."""
     groups, num_tokens = int(np.prod(shape[:3])), shape[3]
     spans = _block_spans(num_tokens)
@@ -65,7 +82,7 @@ def decode_symbols(sizes: np.ndarray, words: np.ndarray, level: LevelTables, sha
         part_starts = starts[:, column : column + blocks].ravel()
         part_counts = counts[:, column : column + blocks].ravel()
         gathered = np.concatenate([words[a : a + n] for a, n in zip(part_starts, part_counts, strict=True)])
-        ids = _table_ids(level.table_map, block, blocks)
+        ids = _table_ids(level.table_map, first, block, blocks, token_shift)
         symbols = rans.decode_streams(gathered, part_counts, ids, level.tables)
         out[:, first : first + block * blocks] = symbols.reshape(groups, block * blocks, shape[4])
         column += blocks
@@ -78,6 +95,8 @@ def check_sections(frame: Frame, layout: KVLayout, scheme: Scheme) -> None:
     streams = layout.num_layers * 2 * layout.num_kv_heads * num_blocks(header.num_tokens)
     if scheme.is_transform:  # the ESCAPES size depends on its own count: transform_frame checks it
         middle: list[tuple[int, int | None]] = [(SECTION_ESCAPES, None)]
+        if scheme.token_adaptive:
+            middle.append((SECTION_TOKEN_CLASSES, (layout.num_layers * header.num_tokens + 1) // 2))
     else:
         middle = [] if scheme.is_lossless else [(SECTION_SCALES, layout.num_layers * 2 * header.num_tokens * 2)]
     pairs = [(SECTION_TABLES_ID, 16), *middle, (SECTION_STREAM_SIZES, 4 * streams), (SECTION_WORDS, None)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cachegen.codec import _ext, coded, quant, transform_frame
+from cachegen.codec import _ext, coded, quant, token_classes, transform_frame
 from cachegen.codec.bitstream import Frame, FrameHeader, check_identity, parse_frame, read_header
 from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.codec.raw import decode_raw
@@ -58,8 +58,10 @@ def _decode_coded(
     at = frame.sections[-1].offset
     if scheme.is_transform:
         assert tables is not None  # _tables_for found the level
-        symbols = _symbols(words, sizes, entry, header.num_tokens, use_ext, at)
-        values = transform_frame.decode_values(symbols, tables, header.level, frame, view, layout)
+        classes = transform_frame.read_classes(view, frame, layout) if scheme.token_adaptive else None
+        shift = None if classes is None else token_classes.SHIFTS[classes]
+        symbols = _symbols(words, sizes, entry, header.num_tokens, use_ext, at, shift)
+        values = transform_frame.decode_values(symbols, tables, header.level, frame, view, layout, classes)
         return output_tensor(layout, header.num_tokens, out).copy_(values)
     shape = (layout.num_layers, 2, layout.num_kv_heads, header.num_tokens, entry.table_map.shape[-1])
     is_16bit_out = layout.dtype == "bfloat16" or scheme.is_lossless  # what the fused kernels write
@@ -81,15 +83,18 @@ def _decode_coded(
 
 
 def _symbols(
-    words: np.ndarray, sizes: np.ndarray, entry: LevelTables, num_tokens: int, use_ext: bool, at: int
-) -> np.ndarray:
-    """(L, 2, H, T, P) symbols of the frame's streams, each within its level's bins (FORMAT.md §6 rule 7)."""
+    words: np.ndarray, sizes: np.ndarray, entry: LevelTables, num_tokens: int, use_ext: bool, at: int,
+    shift: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
+    """(L, 2, H, T, P) symbols of the frame's streams, each within its level's bins (FORMAT.md §6 rule 7);
+    ``shift`` (L, T): the token-adaptive level's table shifts (§5.6; the tables' ladder range keeps them in range)."""
     shape = entry.table_map.shape[:3] + (num_tokens, entry.table_map.shape[-1])
-    if use_ext:
-        symbols, status, bad = _ext.decode(words, sizes, entry, shape, None)
+    if use_ext and (shift is None or _ext.has_token_shift()):
+        extra = {} if shift is None else {"token_shift": shift}
+        symbols, status, bad = _ext.decode(words, sizes, entry, shape, None, **extra)
         _raise_status(status, bad, at)
     else:
-        symbols = coded.decode_symbols(sizes, words, entry, shape)
+        symbols = coded.decode_symbols(sizes, words, entry, shape, shift)
     coded.check_symbol_range(symbols, entry.bins, at)
     return symbols
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cachegen.codec import _ext, coded, transform
+from cachegen.codec import _ext, coded, token_classes, transform
 from cachegen.codec.bitstream import MAX_FRAME_TOKENS, MAX_MODEL_ID_BYTES, FrameHeader, pack_frame
 from cachegen.codec.calibrate import symbols_of
 from cachegen.codec.levels import SCHEME_BY_LEVEL
@@ -74,19 +74,36 @@ def _coded_sections(
     if not scheme.is_lossless and not bool(torch.isfinite(kv).all()):
         raise InvalidRequest("lossy levels need finite KV values (found inf or NaN)")
     sections: Sections = [(coded.SECTION_TABLES_ID, tables.id)]
+    shift = None
     if scheme.is_transform:
         assert tables.transform is not None  # for_level() offers transform levels only with a transform
-        symbols, escaped = transform.quantize(kv, tables.transform, entry.level, token_start)
+        if scheme.token_adaptive and tables.transform.probe is None:
+            raise InvalidRequest(f"tables {tables.id.hex()} have no probe: level {entry.level} cannot be encoded")
+        symbols, escaped, classes = transform.quantize(
+            kv, tables.transform, entry.level, token_start, scheme.token_adaptive
+        )
         sections.append((coded.SECTION_ESCAPES, escapes_payload(kv, escaped)))
+        if classes is not None:
+            sections.append((coded.SECTION_TOKEN_CLASSES, token_classes.pack(classes)))
+            shift = token_classes.SHIFTS[classes]
         scales = None
     else:
         symbols, scales = symbols_of(kv, entry.quant_bins)
-    sizes, words = _ext.encode_symbols(symbols, entry) if use_ext else coded.encode_symbols(symbols, entry)
+    sizes, words = _encode_streams(symbols, entry, shift, use_ext)
     if scales is not None:
         sections.append((coded.SECTION_SCALES, scales.astype("<u2").tobytes()))
     sections.append((coded.SECTION_STREAM_SIZES, sizes.astype("<u4").tobytes()))
     sections.append((coded.SECTION_WORDS, words.astype("<u4").tobytes()))
     return sections
+
+
+def _encode_streams(symbols, entry: LevelTables, shift, use_ext: bool):
+    """The C++ coder where built (and, for per-token shifts, new enough), else the numpy reference: same words."""
+    if use_ext and shift is None:
+        return _ext.encode_symbols(symbols, entry)
+    if use_ext and _ext.has_token_shift():
+        return _ext.encode_symbols(symbols, entry, token_shift=shift)
+    return coded.encode_symbols(symbols, entry, shift)
 
 
 def _check_arguments(model_id: bytes, level: int, token_start: int, num_tokens: int) -> None:

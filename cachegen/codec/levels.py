@@ -56,6 +56,10 @@ class Scheme:
     pca2 (1.5 cost it 35% more KL at equal bits), while pca3's finer steps need 1.2 (at 0.8 so many tokens went
     raw that it took 5.6 bits/value); without the cap pca3 ended coarser than pca2 on its widest coefficients."""
 
+    token_adaptive: bool = False
+    """Transform levels: each (layer, token) gets a step class by the attention it is likely to receive, and the
+    level's tables are a scale ladder (FORMAT.md §5.6, cachegen/codec/token_classes.py)."""
+
     @property
     def is_transform(self) -> bool:
         return self.target_bits > 0
@@ -88,5 +92,6 @@ SCHEMES: tuple[Scheme, ...] = (
     Scheme("small", (24, 24, 24), (8, 8), mean_bins=12),
     Scheme("pca3", target_bits=2.6, range_margin=1.2),
     Scheme("pca2", target_bits=1.75, range_margin=0.8),
+    Scheme("pca2t", target_bits=1.75, range_margin=0.8, token_adaptive=True),
 )
 SCHEME_BY_LEVEL: dict[int, Scheme] = {LEVEL_BY_NAME[s.name].id: s for s in SCHEMES}

@@ -7,6 +7,7 @@ that id, so a frame is never decoded with other tables than it was coded with.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cachegen.codec import token_classes
 from cachegen.codec.bitstream import DTYPE_CODES, DTYPE_NAMES, crc32
 from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.codec.rans import TOTAL, Tables
@@ -138,6 +140,8 @@ def load_tables(data: bytes) -> CodecTables:
     (num_levels,) = struct.unpack("<H", reader.take(2, "num_levels"))
     levels = tuple(_read_level(reader, layout) for _ in range(num_levels))
     transform = read_transform(reader.take, layout) if reader.at < len(reader.data) else None
+    if transform is not None and reader.at < len(reader.data):  # the encoder's probe (FORMAT.md §8.2)
+        transform = dataclasses.replace(transform, probe=token_classes.read_probe(reader.take, layout))
     if reader.at != len(reader.data):
         raise FormatError("tables_size", reader.at, len(data), "trailing bytes")
     return CodecTables(layout, model_id, levels, transform)
@@ -155,8 +159,13 @@ def _read_level(reader: _Reader, layout: KVLayout) -> LevelTables:
     freq = reader.array(num_tables * alphabet, "<u4", "freq").reshape(num_tables, alphabet)
     if SCHEME_BY_LEVEL[level].is_transform and (alphabet != 255 or per_token != layout.head_dim or np.any(bins != 256)):
         raise FormatError(
-            "level_shape", reader.at, (level, alphabet, per_token), "levels 6-7 need A 255, P D, bins 256"
+            "level_shape", reader.at, (level, alphabet, per_token), "levels 6-8 need A 255, P D, bins 256"
         )
+    low, high = token_classes.MAP_RANGE
+    if SCHEME_BY_LEVEL[level].token_adaptive and (
+        num_tables != token_classes.LADDER_TABLES or int(table_map.min()) < low or int(table_map.max()) > high
+    ):
+        raise FormatError("table_map", reader.at, num_tables, f"a ladder level needs 96 tables, map in [{low}, {high}]")
     quantized = bins.any()
     if quantized and not bool(np.all((bins >= 4) & (bins <= 256) & (bins % 2 == 0))):
         raise FormatError("bins", reader.at, bins.tolist(), "quantized levels need even bins in [4, 256]")

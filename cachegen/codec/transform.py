@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cachegen.codec import token_classes
+from cachegen.codec.token_classes import MULTIPLIERS, NEUTRAL, Probe
 from cachegen.errors import FormatError
 from cachegen.spec import KVLayout
 
@@ -43,6 +45,8 @@ class Transform:
     inv_freq: np.ndarray
     num_sinks: int
     steps: dict[int, np.ndarray]
+    probe: Probe | None = None
+    """The token-adaptive level's encoder probe (token_classes.py); stored after the record (FORMAT.md §8.2)."""
     encode_matrix: np.ndarray = field(init=False, repr=False, compare=False)
     """Derived, not stored: the inverse of ``decode_matrix`` (f64 inversion). Encoders need not agree bit for bit."""
 
@@ -55,6 +59,8 @@ class Transform:
         for level in sorted(self.steps):
             parts += [struct.pack("<B", level), self.steps[level].astype("<f4").tobytes()]
         parts += [a.astype("<f4").tobytes() for a in (self.inv_freq, self.mean, self.decode_matrix)]
+        if self.probe is not None:
+            parts.append(self.probe.to_bytes())
         return b"".join(parts)
 
 
@@ -123,31 +129,63 @@ def coefficients(x: torch.Tensor, transform: Transform) -> torch.Tensor:
     return (x - torch.from_numpy(transform.mean)[:, :, None]) @ torch.from_numpy(transform.encode_matrix)
 
 
-def quantize(kv: torch.Tensor, transform: Transform, level: int, token_start: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symbols (L, 2, H, T, D) int32 and the sorted token indices that must travel raw (FORMAT.md §5.5)."""
+def quantize(
+    kv: torch.Tensor, transform: Transform, level: int, token_start: int, adaptive: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Symbols (L, 2, H, T, D) int32, the sorted token indices that must travel raw (FORMAT.md §5.5) and, for
+    the token-adaptive level (``adaptive``, needs ``transform.probe``), the (L, T) classes (§5.6); else None."""
     x = to_vectors(kv, transform.inv_freq, token_start)
     step = torch.from_numpy(transform.steps[level])[:, :, None]
-    q = torch.round(coefficients(x, transform) / step)  # round half to even, as rint
+    coefs = coefficients(x, transform)
+    classes = None
+    if adaptive:
+        assert transform.probe is not None
+        classes = np.maximum(
+            token_classes.classes_of(token_classes.scores(x[:, 0], transform.probe), transform.probe.reference),
+            _fitting_class(coefs, step),
+        )
+        step = step * torch.from_numpy(MULTIPLIERS[np.minimum(classes, len(MULTIPLIERS) - 1)])[:, None, :, None]
+    q = torch.round(coefs / step)  # round half to even, as rint
     sinks = np.arange(x.shape[2]) + token_start < transform.num_sinks
     escaped = np.flatnonzero(sinks | (q.abs() > MAX_COEFFICIENT).any(dim=(0, 1, 3)).numpy())
     q[:, :, escaped] = 0
+    if classes is not None:
+        classes = np.minimum(classes, len(MULTIPLIERS) - 1)
+        classes[:, escaped] = NEUTRAL
     layers, _, tokens, _ = q.shape
     symbols = (q.to(torch.int32) + MAX_COEFFICIENT).reshape(layers, 2, tokens, -1, kv.shape[4])
-    return symbols.permute(0, 1, 3, 2, 4).contiguous().numpy(), escaped.astype(np.uint16)
+    return symbols.permute(0, 1, 3, 2, 4).contiguous().numpy(), escaped.astype(np.uint16), classes
 
 
-def dequantize(symbols: np.ndarray, transform: Transform, level: int, layout: KVLayout, token_start: int):
-    """float32 KV (L, 2, H, T, D) of symbols (L, 2, H, T, D): ``(s - 127) * step @ decode_matrix + mean``."""
+def _fitting_class(coefs: torch.Tensor, step: torch.Tensor) -> np.ndarray:
+    """(L, T) smallest class whose steps hold every K and V coefficient of that (layer, token) within 127 steps;
+    16 where none does (the token then travels raw)."""
+    fits = torch.stack([
+        (torch.round(coefs / (step * float(m))).abs() <= MAX_COEFFICIENT).all(dim=(1, 3)) for m in MULTIPLIERS
+    ])  # (16, L, T)  # fmt: skip
+    first = torch.argmax(fits.to(torch.int8), dim=0)
+    return torch.where(fits.any(dim=0), first, len(MULTIPLIERS)).numpy()
+
+
+def dequantize(
+    symbols: np.ndarray, transform: Transform, level: int, layout: KVLayout, token_start: int,
+    classes: np.ndarray | None = None,
+):  # fmt: skip
+    """float32 KV (L, 2, H, T, D) of symbols (L, 2, H, T, D): ``(s - 127) * step [* MULTIPLIERS[class]] @
+    decode_matrix + mean``, the class of (layer, token) from ``classes`` (L, T) on the token-adaptive level."""
     q = torch.from_numpy(symbols.astype(np.float32) - MAX_COEFFICIENT)
     layers, _, heads, tokens, dim = q.shape
     y = q.permute(0, 1, 3, 2, 4).reshape(layers, 2, tokens, heads * dim)
     y = y * torch.from_numpy(transform.steps[level])[:, :, None]
+    if classes is not None:
+        y = y * torch.from_numpy(MULTIPLIERS[classes])[:, None, :, None]
     x = y @ torch.from_numpy(transform.decode_matrix) + torch.from_numpy(transform.mean)[:, :, None]
     return from_vectors(x, layout, transform.inv_freq, token_start)
 
 
 def error_bound(transform: Transform, level: int) -> np.ndarray:
-    """(L, 2, H*D) largest |x - x'| per channel before output rounding, for tokens not sent raw.
+    """(L, 2, H*D) largest |x - x'| per channel before output rounding, for tokens not sent raw (times the
+    token's ``MULTIPLIERS[class]`` on the token-adaptive level).
 
     Coefficient j is off by at most step_j / 2, so channel i of ``x`` by ``sum_j |M[j, i]| step_j / 2``; the
     rotation of keys mixes channel i with its pair i +- D/2, so a key channel's bound is the sum of the two.

@@ -19,8 +19,10 @@ import math
 import numpy as np
 import torch
 
+from cachegen.codec import token_classes
 from cachegen.codec.levels import SCHEME_BY_LEVEL
-from cachegen.codec.transform import MAX_COEFFICIENT, Transform, coefficients, from_vectors, to_vectors
+from cachegen.codec.token_classes import MULTIPLIERS, SHIFTS, Probe
+from cachegen.codec.transform import MAX_COEFFICIENT, Transform, _rotate, coefficients, from_vectors, to_vectors
 from cachegen.spec import KVLayout
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,73 @@ def fit_steps(
     return steps(high).numpy()
 
 
+PROBE_QUERIES = 64
+"""Calibration queries per query head in the probe (token_classes.py): 32 and 128 scored tokens as well at 2K."""
+PROBE_DISTANCE = 2048
+"""Query-key distances of the probe are drawn from [1, 2048): retrieval reads the whole context, not its end."""
+
+
+def fit_probe(model, samples, layout: KVLayout, inv_freq: np.ndarray) -> Probe:
+    """The token-adaptive level's probe from calibration queries (q_proj outputs, before RoPE) and keys."""
+    heads, dim = layout.num_kv_heads, layout.head_dim
+    group = model.config.num_attention_heads // heads
+    scaling = float(getattr(model.model.layers[0].self_attn, "scaling", dim**-0.5))
+    generator = torch.Generator().manual_seed(0)
+    kv, queries = samples[0]
+    keys = to_vectors(kv, inv_freq, 0)[:, 0].reshape(layout.num_layers, -1, heads, dim)  # (L, T, H, D), sinks in
+    probes, norms = [], []
+    for layer in range(layout.num_layers):
+        q = queries[layer].float().reshape(-1, heads * group, dim)
+        rows = torch.randint(NUM_SINKS, q.shape[0], (PROBE_QUERIES,), generator=generator)
+        distance = torch.randint(1, PROBE_DISTANCE, (PROBE_QUERIES,), generator=generator).double()
+        angle = distance[:, None] * torch.from_numpy(inv_freq.astype(np.float64))[None]
+        # a query `distance` after the key reads it through R(distance): turn the query, keep the key de-rotated
+        turned = _rotate(q[rows].permute(1, 0, 2), angle.cos().float(), angle.sin().float(), 1.0) * scaling
+        turned = turned.reshape(heads, group * PROBE_QUERIES, dim)  # (H, P, D): a KV head's query heads together
+        norms.append(torch.logsumexp(turned @ keys[layer].permute(1, 2, 0), -1))  # (H, P) over the whole context
+        probes.append(turned)
+    unscaled = Probe(torch.stack(probes).numpy(), torch.stack(norms).numpy(), np.ones(layout.num_layers, np.float32))
+    vectors = torch.cat([to_vectors(kv, inv_freq, 0)[:, 0, NUM_SINKS:] for kv, _ in samples], 1)
+    reference = token_classes.scores(vectors, unscaled).median(dim=1).values.numpy().astype(np.float32)
+    return Probe(unscaled.queries, unscaled.log_norm, np.maximum(reference, 1e-30))
+
+
+def fit_adaptive_steps(coefs: torch.Tensor, keys: torch.Tensor, probe: Probe, sensitivity: np.ndarray,
+                       bits_per_value: float, margin: float) -> np.ndarray:  # fmt: skip
+    """``fit_steps`` for the token-adaptive level: the rate counts each token at its class (the probe's, raised
+    to fit 127 steps as the encoder does) and each symbol in its ladder row, as the coder will."""
+    importance = torch.from_numpy(token_classes.classes_of(token_classes.scores(keys, probe), probe.reference))
+    shape = torch.from_numpy(sensitivity**-ALPHA).float()[:, :, None]
+    floor = coefs.abs().amax(dim=2) * margin / MAX_COEFFICIENT
+    mean_abs = coefs.abs().mean(2).numpy()
+    multipliers, shifts = torch.from_numpy(MULTIPLIERS), torch.from_numpy(SHIFTS.astype(np.int64))
+
+    def bits(step: torch.Tensor) -> float:
+        ratio = (coefs.abs() / step[:, :, None]).amax(dim=(1, 3))  # (L, N)
+        fitting = torch.ceil(2 * torch.log2(ratio.clamp_min(1e-12) / (MAX_COEFFICIENT + 0.5))) + token_classes.NEUTRAL
+        v = torch.maximum(importance, fitting.long()).clamp(0, len(MULTIPLIERS) - 1)
+        q = torch.clamp(torch.round(coefs / (step[:, :, None] * multipliers[v][:, None, :, None])), -127, 127)
+        rows = torch.from_numpy(token_classes.ladder_map(mean_abs, step.numpy()).astype(np.int64))
+        ids = rows[:, :, None, :] + shifts[v][:, None, :, None]
+        alphabet = 2 * MAX_COEFFICIENT + 1
+        counts = (
+            torch.bincount(
+                (ids * alphabet + q.long() + MAX_COEFFICIENT).ravel(), minlength=token_classes.LADDER_TABLES * alphabet
+            )
+            .double()
+            .reshape(-1, alphabet)
+        )
+        p = counts / counts.sum(1, keepdim=True).clamp_min(1)
+        return float(-(counts * torch.where(counts > 0, p.log2(), 0)).sum()) / coefs.numel()  # fmt: skip
+
+    low, high = math.log(1e-4), math.log(1e3)
+    for _ in range(22):
+        middle = (low + high) / 2
+        step = torch.maximum(math.exp(middle) * shape, floor)
+        low, high = (middle, high) if bits(step) > bits_per_value else (low, middle)
+    return torch.maximum(math.exp(high) * shape, floor).numpy()
+
+
 def fit_transform(model, samples: list[tuple[torch.Tensor, dict[int, torch.Tensor]]], layout: KVLayout, probe):
     """The transform for every transform-coded level, from ``samples`` of (KV, q_proj outputs per layer).
 
@@ -145,9 +214,16 @@ def fit_transform(model, samples: list[tuple[torch.Tensor, dict[int, torch.Tenso
     steps: dict[int, np.ndarray] = {}
     cap = None  # coarsest level first: a finer level never gets a coarser step on any coefficient
     for level, scheme in sorted(SCHEME_BY_LEVEL.items(), key=lambda item: item[1].target_bits):
-        if scheme.is_transform:
+        if scheme.is_transform and not scheme.token_adaptive:
             steps[level] = cap = fit_steps(coefs, sensitivity, scheme.target_bits, scheme.range_margin, cap)
-    return Transform(mean, decode_matrix, inv_freq, NUM_SINKS, steps)
+    probe = fit_probe(model, samples, layout, inv_freq)
+    keys = vectors[:, 0]
+    for level, scheme in SCHEME_BY_LEVEL.items():
+        if scheme.token_adaptive:  # its steps are a per-token scale apart from the others': no cap between them
+            log.info("fitting token-adaptive steps level=%d", level)
+            steps[level] = fit_adaptive_steps(coefs[:, :, ::2], keys[:, ::2], probe, sensitivity,
+                                              scheme.target_bits, scheme.range_margin)  # fmt: skip
+    return Transform(mean, decode_matrix, inv_freq, NUM_SINKS, steps, probe)
 
 
 def collect(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""Sections of transform-coded frames (FORMAT.md §5.5): ESCAPES (tokens sent raw) beside the rANS streams."""
+"""Sections of transform-coded frames (FORMAT.md §5.5, §5.6): ESCAPES (tokens sent raw) and, on the
+token-adaptive level, TOKEN_CLASSES beside the rANS streams."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import struct
 import numpy as np
 import torch
 
-from cachegen.codec import transform
+from cachegen.codec import token_classes, transform
 from cachegen.codec.bitstream import Frame, dtype_bytes
 from cachegen.codec.tensors import BITS_NUMPY, TORCH_DTYPES, kv_bits
 from cachegen.errors import FormatError
@@ -39,11 +40,21 @@ def read_escapes(view: memoryview, frame: Frame, layout: KVLayout) -> tuple[np.n
     return indices, bits.reshape(shape)
 
 
-def decode_values(symbols: np.ndarray, tables, level: int, frame: Frame, view: memoryview, layout: KVLayout):
+def read_classes(view: memoryview, frame: Frame, layout: KVLayout) -> np.ndarray:
+    """(L, T) int64 step classes of the TOKEN_CLASSES section (the third), size and padding checked."""
+    section = frame.sections[2]
+    data = view[section.offset : section.offset + section.size]
+    return token_classes.unpack(data, layout.num_layers, frame.header.num_tokens, section.offset)
+
+
+def decode_values(
+    symbols: np.ndarray, tables, level: int, frame: Frame, view: memoryview, layout: KVLayout,
+    classes: np.ndarray | None = None,
+):  # fmt: skip
     """The frame's KV as a CPU tensor of the layout's dtype: dequantized coefficients, escaped tokens raw."""
     header = frame.header
     indices, bits = read_escapes(view, frame, layout)
-    values = transform.dequantize(symbols, tables.transform, level, layout, header.token_start)
+    values = transform.dequantize(symbols, tables.transform, level, layout, header.token_start, classes)
     out = values.to(TORCH_DTYPES[layout.dtype])
     if indices.size:
         raw = torch.from_numpy(bits.copy()).view(out.dtype)

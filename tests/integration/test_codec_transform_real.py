@@ -64,7 +64,7 @@ def test_real_kv_transform_streams_match_constriction(fitted) -> None:
     _, layout, tables, (kv, _) = fitted
     level = LEVEL_BY_NAME["pca2"].id
     entry = tables.for_level(level)
-    symbols = level_symbols(kv[:, :, :, :64].contiguous(), level, entry.quant_bins, tables.transform)
+    symbols, _ = level_symbols(kv[:, :, :, :64].contiguous(), level, entry.quant_bins, tables.transform)
     sizes, words = encode_symbols(symbols, entry)
     ends = np.cumsum(sizes.astype(np.int64))
     for layer, kind, head in [(0, 0, 0), (13, 1, 2), (29, 0, 1)]:

@@ -1,13 +1,18 @@
-"""A model-free transform for the tiny test layout: PCA of the samples in the plain metric, fixed steps."""
+"""A model-free transform for the tiny test layout: PCA of the samples in the plain metric, fixed steps, a random
+probe; and the stated error bound of a transform-coded frame."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from cachegen.codec import token_classes
+from cachegen.codec.bitstream import parse_frame
 from cachegen.codec.levels import SCHEME_BY_LEVEL
-from cachegen.codec.transform import Transform, to_vectors
+from cachegen.codec.token_classes import MULTIPLIERS, Probe
+from cachegen.codec.transform import Transform, error_bound, to_vectors
 from cachegen.codec.transform_fit import NUM_SINKS, fit_basis
+from cachegen.codec.transform_frame import read_classes
 from cachegen.spec import KVLayout
 
 
@@ -22,4 +27,30 @@ def tiny_transform(samples: list[torch.Tensor], layout: KVLayout) -> Transform:
     levels = sorted(level for level, scheme in SCHEME_BY_LEVEL.items() if scheme.is_transform)
     shape = (layout.num_layers, 2, width)
     steps = {level: np.full(shape, 0.05 * 4**i, np.float32) for i, level in enumerate(levels)}
-    return Transform(mean, matrix, inv_freq, NUM_SINKS, steps)
+    generator = torch.Generator().manual_seed(7)
+    queries = 0.3 * torch.randn(layout.num_layers, layout.num_kv_heads, 4, dim, generator=generator)
+    unscaled = Probe(queries.numpy(), np.zeros(queries.shape[:3], np.float32), np.ones(layout.num_layers, np.float32))
+    reference = token_classes.scores(vectors[:, 0], unscaled).median(dim=1).values.numpy()
+    probe = Probe(unscaled.queries, unscaled.log_norm, reference.astype(np.float32))
+    return Transform(mean, matrix, inv_freq, NUM_SINKS, steps, probe)
+
+
+def frame_bound(tables, frame: bytes, layout: KVLayout) -> np.ndarray:
+    """(L, 2, H, T, D) stated bound of a transform-coded frame's values: ``error_bound`` of its level, times
+    each token's step multiplier on the token-adaptive level (FORMAT.md §5.6)."""
+    parsed = parse_frame(memoryview(frame))
+    level, tokens = parsed.header.level, parsed.header.num_tokens
+    heads, dim = layout.num_kv_heads, layout.head_dim
+    bound = error_bound(tables.transform, level).reshape(layout.num_layers, 2, heads, 1, dim)
+    if not SCHEME_BY_LEVEL[level].token_adaptive:
+        return np.broadcast_to(bound, (layout.num_layers, 2, heads, tokens, dim))
+    multiplier = MULTIPLIERS[read_classes(memoryview(frame), parsed, layout)]  # (L, T)
+    return bound * multiplier[:, None, None, :, None]
+
+
+def outlier_kv(layout: KVLayout, num_tokens: int, seed: int) -> torch.Tensor:
+    """Random bf16 KV with one key outlier channel (8x), as real keys have."""
+    generator = torch.Generator().manual_seed(seed)
+    kv = torch.randn(layout.shape(num_tokens), generator=generator)
+    kv[:, 0, :, :, 3] *= 8
+    return kv.bfloat16()

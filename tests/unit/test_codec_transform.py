@@ -15,7 +15,7 @@ from cachegen.codec.transform_fit import fit_steps
 from cachegen.errors import FormatError, InvalidRequest
 from cachegen.spec import LEVEL_BY_NAME, KVLayout
 from tests.golden.make_golden import reseal
-from tests.unit.codec_fixtures import tiny_transform
+from tests.unit.codec_fixtures import outlier_kv, tiny_transform
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16", tokens_per_chunk=32)
 MODEL = b"model-fingerprint"
@@ -23,10 +23,7 @@ PCA3, PCA2 = LEVEL_BY_NAME["pca3"].id, LEVEL_BY_NAME["pca2"].id
 
 
 def make_kv(num_tokens: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    kv = torch.randn(LAYOUT.shape(num_tokens), generator=generator)
-    kv[:, 0, :, :, 3] *= 8  # a key outlier channel
-    return kv.bfloat16()
+    return outlier_kv(LAYOUT, num_tokens, seed)
 
 
 @pytest.fixture(scope="module")
