@@ -1,4 +1,4 @@
-// FORMAT.md §3 / §5.5 / §6 / §8 / §8.1 in C++: every size is checked against the buffer before it is used.
+// FORMAT.md §3, §5.5-5.6, §6 and §8-8.2 in C++: every size is checked against the buffer before it is used.
 #include "frame.h"
 
 #include <algorithm>
@@ -35,7 +35,7 @@ std::string check_fixed(const uint8_t* d, size_t len, FrameView* f, size_t* head
   f->tokens_per_chunk = load<uint32_t>(d + 16);
   f->token_start = load<uint32_t>(d + 20);
   f->num_tokens = load<uint32_t>(d + 24);
-  if (f->level > 7) return "level";  // levels 0-7 (FORMAT.md §4)
+  if (f->level > 8) return "level";  // levels 0-8 (FORMAT.md §4)
   if (f->dtype < 1 || f->dtype > 3) return "dtype";
   if (f->num_tokens < 1 || f->num_tokens > 65536) return "num_tokens";
   if (uint64_t(f->token_start) + f->num_tokens > 0xFFFFFFFFull) return "token_start";
@@ -75,12 +75,16 @@ std::string take_floats(Cursor& in, uint64_t count, const char* field, std::vect
   return "";
 }
 
-// bins of a level entry (FORMAT.md §8, §8.1): 256 everywhere for levels 6-7, which also need A = 255 and P = D;
-// even 4..256 for a quantized level (any bin non-zero), as tables._read_level.
-std::string check_bins(const LevelData& lv, const TablesFile& t) {
+// The shape of a level entry (FORMAT.md §8, §8.1), in the order of tables._read_level: levels 6-8 need A = 255,
+// P = D and bins 256 everywhere, level 8 also its 96-row ladder with every map entry in [16, 81] (§5.6), so that
+// the decoder's table_map + shift is a row for every class; a quantized level (any bin non-zero) even 4..256 bins.
+std::string check_shape(const LevelData& lv, const TablesFile& t) {
   const bool is_quantized = std::any_of(lv.bins.begin(), lv.bins.end(), [](uint16_t b) { return b != 0; });
   const bool is_all_256 = std::all_of(lv.bins.begin(), lv.bins.end(), [](uint16_t b) { return b == 256; });
   if (lv.level >= 6 && (lv.alphabet != 255 || lv.per_token != t.head_dim || !is_all_256)) return "level_shape";
+  const auto [low, high] = std::minmax_element(lv.table_map.begin(), lv.table_map.end());
+  const bool is_ladder = lv.num_tables == kLadderTables && *low >= kLadderMapLow && *high <= kLadderMapHigh;
+  if (lv.level == kTokenAdaptiveLevel && !is_ladder) return "table_map";  // map is never empty: L, H, P >= 1
   for (uint16_t b : lv.bins) if (is_quantized && (b < 4 || b > 256 || b % 2)) return "bins";
   return "";
 }
@@ -93,7 +97,7 @@ std::string parse_level(Cursor& in, const TablesFile& t, LevelData* lv) {
   lv->alphabet = load<uint16_t>(head + 1);
   lv->num_tables = load<uint32_t>(head + 3);
   lv->per_token = load<uint16_t>(head + 7);
-  if (lv->level < 1 || lv->level > 7) return "level";  // the coded levels (FORMAT.md §4)
+  if (lv->level < 1 || lv->level > 8) return "level";  // the coded levels (FORMAT.md §4)
   const bool is_p_valid = lv->per_token == t.head_dim || lv->per_token == 2 * t.head_dim;
   if (!is_p_valid || lv->alphabet < 2 || lv->alphabet > 256) return "level_shape";
   const uint64_t n_bins = uint64_t(t.layers) * 2, n_map = n_bins * t.heads * lv->per_token;
@@ -106,7 +110,7 @@ std::string parse_level(Cursor& in, const TablesFile& t, LevelData* lv) {
   lv->freq.resize(n_freq);
   std::memcpy(lv->table_map.data(), map, 4 * n_map);
   std::memcpy(lv->freq.data(), freq, 4 * n_freq);
-  std::string bad = check_bins(*lv, t);
+  std::string bad = check_shape(*lv, t);
   if (!bad.empty()) return bad;
   for (uint32_t m : lv->table_map) if (m >= lv->num_tables) return "table_map";
   lv->cum.resize(n_freq);
@@ -154,8 +158,26 @@ std::string read_transform(Cursor& in, const TablesFile& t, TransformData* tx) {
   return "";
 }
 
+// The probe record (FORMAT.md §8.2), checked as token_classes.read_probe: sizes, finite values, reference > 0.
+// Only encoders use its values, so they are dropped.
+std::string read_probe(Cursor& in, const TablesFile& t, TransformData* tx) {
+  const uint8_t* head = in.take(8);
+  if (!head) return "probe";
+  const uint32_t per_head = load<uint32_t>(head + 4);
+  if (std::memcmp(head, "CGIP", 4) != 0 || per_head < 1 || per_head > 4096) return "probe";
+  const uint64_t log_norms = uint64_t(t.layers) * t.heads * per_head;  // < 2^44, times D < 2^60: no wrap
+  std::vector<float> values;
+  std::string bad = take_floats(in, log_norms * t.head_dim, "probe.queries", &values);
+  if (bad.empty()) bad = take_floats(in, log_norms, "probe.log_norm", &values);
+  if (bad.empty()) bad = take_floats(in, t.layers, "probe.reference", &values);
+  if (bad.empty() && !std::all_of(values.begin(), values.end(), [](float r) { return r > 0; }))
+    bad = "probe.reference";
+  tx->probe_queries = bad.empty() ? per_head : 0;
+  return bad;
+}
+
 // The tables' entry for the frame's level when the tables fit the frame: its layout, the P that decoders size
-// their output by, and for levels 6-7 a transform record with the level's steps (FORMAT.md §6 rule 8). nullptr
+// their output by, and for levels 6-8 a transform record with the level's steps (FORMAT.md §6 rule 8). nullptr
 // is a mismatch (the Python decoder's LayoutMismatch). The first entry of the level counts, as in tables.py.
 const LevelData* level_for(const TablesFile& t, const FrameView& f) {
   if (t.layers != f.layers || t.heads != f.heads || t.head_dim != f.head_dim) return nullptr;
@@ -166,8 +188,8 @@ const LevelData* level_for(const TablesFile& t, const FrameView& f) {
   return &*lv;
 }
 
-// The sections a coded level prescribes (FORMAT.md §5.4, §5.5); -1 for a size the header does not imply: WORDS,
-// and ESCAPES, whose size follows from its own count (read_escapes checks it).
+// The sections a coded level prescribes (FORMAT.md §5.4, §5.5, §5.6); -1 for a size the header does not imply:
+// WORDS, and ESCAPES, whose size follows from its own count (read_escapes checks it).
 std::string check_coded_sections(const FrameView& f, uint64_t streams) {
   std::vector<uint32_t> kinds = {kSectionTablesId, kSectionStreamSizes, kSectionWords};
   std::vector<int64_t> sizes = {16, int64_t(4 * streams), -1};
@@ -176,20 +198,26 @@ std::string check_coded_sections(const FrameView& f, uint64_t streams) {
     kinds.insert(kinds.begin() + 1, is_transform ? kSectionEscapes : kSectionScales);
     sizes.insert(sizes.begin() + 1, is_transform ? -1 : int64_t(f.layers) * 2 * f.num_tokens * 2);
   }
+  if (f.level == kTokenAdaptiveLevel) {  // TOKEN_CLASSES, third: one nibble per (layer, token)
+    kinds.insert(kinds.begin() + 2, kSectionTokenClasses);
+    sizes.insert(sizes.begin() + 2, (int64_t(f.layers) * f.num_tokens + 1) / 2);
+  }
   return expect(f, kinds, sizes);
 }
 
 // Runs one of codec_cpu.h's decoders, decode(desc, words, num_words, sizes, &bad_stream), over the frame's
-// streams (its last two sections) and names the field of what it reports.
+// streams (its last two sections) and names the field of what it reports. `token_shift` (L, T): level 8's table
+// shifts (nullptr: none), in range by the ladder check of the tables.
 template <class Decode>
-std::string run_streams(const uint8_t* d, const FrameView& f, const LevelData& lv, Decode decode) {
+std::string run_streams(const uint8_t* d, const FrameView& f, const LevelData& lv, const int8_t* token_shift,
+                        Decode decode) {
   const SectionView& words = f.sections.back();
   const SectionView& stream_sizes = f.sections[f.sections.size() - 2];
   std::vector<uint32_t> w(words.size / 4), z(stream_sizes.size / 4);
   std::memcpy(w.data(), d + words.offset, w.size() * 4);
   std::memcpy(z.data(), d + stream_sizes.offset, z.size() * 4);
   LevelDesc desc{f.layers, f.heads, f.num_tokens, lv.per_token, lv.table_map.data(), lv.num_tables,
-                 {lv.freq.data(), lv.cum.data(), lv.alphabet}};
+                 {lv.freq.data(), lv.cum.data(), lv.alphabet}, token_shift};
   std::vector<uint8_t> slots;
   std::vector<uint32_t> bounds;
   build_lookup(desc.tables, lv.num_tables, &slots, &bounds);  // per frame: fine for a test reader
@@ -203,7 +231,18 @@ std::string run_streams(const uint8_t* d, const FrameView& f, const LevelData& l
   return "";
 }
 
-// The ESCAPES section of a level-6/7 frame (FORMAT.md §5.5), checked as transform_frame.read_escapes: the token
+// Whether the STREAM_SIZES word counts add up to the WORDS section, checked before TOKEN_CLASSES as the Python
+// decoder does (decode._payload), so a frame wrong in both gets the same field from both readers.
+bool words_add_up(const uint8_t* d, const FrameView& f) {
+  const SectionView &words = f.sections.back(), &stream_sizes = f.sections[f.sections.size() - 2];
+  const uint64_t limit = words.size / 4;
+  uint64_t total = 0;  // stops past the limit, so no count of hostile sizes wraps
+  for (uint64_t i = 0; i < stream_sizes.size / 4 && total <= limit; ++i)
+    total += load<uint32_t>(d + stream_sizes.offset + 4 * i);
+  return words.size % 4 == 0 && total == limit;
+}
+
+// The ESCAPES section of a level-6/7/8 frame (FORMAT.md §5.5), checked as transform_frame.read_escapes: the token
 // indices, ascending and below T, and where their raw values start. Sizes are compared by division, so no
 // count times a layout can wrap.
 std::string read_escapes(const uint8_t* d, const FrameView& f, std::vector<uint32_t>* tokens, const uint8_t** raw) {
@@ -223,18 +262,20 @@ std::string read_escapes(const uint8_t* d, const FrameView& f, std::vector<uint3
   return "";
 }
 
-// Levels 6-7 once their streams gave `symbols` (L, 2, H, T, D): ESCAPES, dequantization (transform.h), then the
-// escaped tokens' raw values over their dequantized ones (FORMAT.md §5.5 step 4). Every symbol is <= 254 (A = 255,
-// checked with the tables), so no symbol check is due.
+// Levels 6-8 once their streams gave `symbols` (L, 2, H, T, D): ESCAPES, dequantization (transform.h; `classes`
+// (L, T) on level 8, else empty), then the escaped tokens' raw values over their dequantized ones (FORMAT.md §5.5
+// step 4). Every symbol is <= 254 (A = 255, checked with the tables), so no symbol check is due.
 std::string finish_transform(const uint8_t* d, const FrameView& f, const TransformData& tx,
-                             const std::vector<int32_t>& symbols, std::vector<uint16_t>* out) {
+                             const std::vector<uint8_t>& classes, const std::vector<int32_t>& symbols,
+                             std::vector<uint16_t>* out) {
   std::vector<uint32_t> tokens;
   const uint8_t* raw = nullptr;
   const std::string bad = read_escapes(d, f, &tokens, &raw);
   if (!bad.empty()) return bad;
   out->resize(symbols.size());
   const TransformShape shape{f.layers, f.heads, f.head_dim, f.num_tokens, f.token_start, f.dtype == 1};
-  dequantize_transform(shape, tx, tx.steps.at(f.level).data(), symbols.data(), out->data());
+  const uint8_t* class_data = classes.empty() ? nullptr : classes.data();
+  dequantize_transform(shape, tx, tx.steps.at(f.level).data(), class_data, symbols.data(), out->data());
   const uint64_t groups = uint64_t(f.layers) * 2 * f.heads, n = tokens.size(), row_bytes = uint64_t(f.head_dim) * 2;
   for (uint64_t g = 0; g < groups; ++g)  // raw order (l, kv, h, i, d): each group's n tokens in a row
     for (uint64_t i = 0; i < n; ++i)
@@ -295,7 +336,8 @@ std::string parse_tables(const uint8_t* d, size_t len, TablesFile* t) {
   // FORMAT.md §8.1: a transform record follows the levels when there are bytes left, as the Python reader has it;
   // whether the levels need one is the decoder's question (FORMAT.md §6 rule 8).
   if (in.at < in.end) {
-    const std::string bad = read_transform(in, *t, &t->transform.emplace());
+    std::string bad = read_transform(in, *t, &t->transform.emplace());
+    if (bad.empty() && in.at < in.end) bad = read_probe(in, *t, &*t->transform);  // optional (FORMAT.md §8.2)
     if (!bad.empty()) return bad;
   }
   return in.at == in.end ? "" : "tables_size";
@@ -316,13 +358,22 @@ std::string decode_frame(const uint8_t* d, const FrameView& f, const TablesFile*
   const uint64_t streams = uint64_t(f.layers) * 2 * f.heads * ((f.num_tokens + kStreamTokens - 1) / kStreamTokens);
   std::string bad = check_coded_sections(f, streams);
   if (!bad.empty()) return bad;
-  if (f.level >= 6) {  // symbols first, then ESCAPES: the Python decoder's order, so both name the same field
+  if (f.level >= 6) {  // classes, symbols, then ESCAPES: the Python decoder's order, so both name the same field
+    if (!words_add_up(d, f)) return "stream_sizes";
+    std::vector<uint8_t> classes;
+    std::vector<int8_t> shifts;
+    if (f.level == kTokenAdaptiveLevel) {
+      const SectionView& s = f.sections[2];
+      if (!unpack_token_classes(d + s.offset, s.size, f.layers, f.num_tokens, &classes)) return "token_classes";
+      for (uint8_t v : classes) shifts.push_back(class_shift(v));
+    }
     std::vector<int32_t> symbols(values);
-    bad = run_streams(d, f, *lv, [&](const LevelDesc& desc, const uint32_t* w, uint64_t n, const uint32_t* z,
-                                     int64_t* bad_stream) {
+    const int8_t* shift = shifts.empty() ? nullptr : shifts.data();
+    bad = run_streams(d, f, *lv, shift, [&](const LevelDesc& desc, const uint32_t* w, uint64_t n, const uint32_t* z,
+                                            int64_t* bad_stream) {
       return decode_symbols_cpu(desc, w, n, z, symbols.data(), 1, bad_stream);
     });
-    return bad.empty() ? finish_transform(d, f, *tables->transform, symbols, out) : bad;
+    return bad.empty() ? finish_transform(d, f, *tables->transform, classes, symbols, out) : bad;
   }
   const bool is_quant = f.level >= 2;
   std::vector<uint16_t> scales;
@@ -331,8 +382,8 @@ std::string decode_frame(const uint8_t* d, const FrameView& f, const TablesFile*
     std::memcpy(scales.data(), d + f.sections[1].offset, scales.size() * 2);
   }
   out->assign(values, 0);
-  return run_streams(d, f, *lv, [&](const LevelDesc& desc, const uint32_t* w, uint64_t n, const uint32_t* z,
-                                    int64_t* bad_stream) {
+  return run_streams(d, f, *lv, nullptr, [&](const LevelDesc& desc, const uint32_t* w, uint64_t n,
+                                             const uint32_t* z, int64_t* bad_stream) {
     return decode_values_cpu(desc, w, n, z, is_quant ? scales.data() : nullptr, is_quant ? lv->bins.data() : nullptr,
                              out->data(), 1, bad_stream);
   });

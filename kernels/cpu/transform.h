@@ -1,6 +1,7 @@
-// The numerics of the transform-coded levels 6-7 (FORMAT.md §5.5, §8.1) for the C++ frame reader: the transform
-// record's matrix check and dequantization, as cachegen/codec/transform.py. Header-only like codec.h, so the
-// reader still builds from frame.cpp and codec_cpu.cpp alone (Makefile, tests/unit/test_codec_kernels.py).
+// The numerics of the transform-coded levels 6-8 (FORMAT.md §5.5, §5.6, §8.1) for the C++ frame reader: the
+// transform record's matrix check, level 8's token classes and dequantization, as cachegen/codec/transform.py and
+// token_classes.py. Header-only like codec.h, so the reader still builds from frame.cpp and codec_cpu.cpp alone
+// (Makefile, tests/unit/test_codec_kernels.py).
 #pragma once
 #include <algorithm>
 #include <cfloat>
@@ -17,6 +18,35 @@ namespace cachegen {
 constexpr int32_t kMaxCoefficient = 127;  // symbol = q + 127, q in [-127, 127]: alphabet 255 (FORMAT.md §5.5)
 constexpr double kMaxCondition = 1e6;     // decode matrices' largest 2-norm condition number (FORMAT.md §8.1)
 
+// Level 8 (FORMAT.md §5.6): a class v in 0..15 per (layer, token) scales its steps by mult[v] and moves its tables
+// shift(v) rows along a 96-row ladder; table_map entries in [kLadderMapLow, kLadderMapHigh] keep every row in range.
+constexpr uint32_t kTokenAdaptiveLevel = 8, kNumClasses = 16, kNeutralClass = 8, kLadderTables = 96;
+constexpr uint32_t kLadderMapLow = 16, kLadderMapHigh = 81;
+// mult[v] = 2^((v - 8) / 2) rounded to f32, as the bit patterns FORMAT.md §5.6 lists them.
+constexpr uint32_t kClassMultiplierBits[kNumClasses] = {
+    0x3D800000u, 0x3DB504F3u, 0x3E000000u, 0x3E3504F3u, 0x3E800000u, 0x3EB504F3u, 0x3F000000u, 0x3F3504F3u,
+    0x3F800000u, 0x3FB504F3u, 0x40000000u, 0x403504F3u, 0x40800000u, 0x40B504F3u, 0x41000000u, 0x413504F3u};
+
+inline float class_multiplier(uint32_t v) {
+  float m;
+  std::memcpy(&m, &kClassMultiplierBits[v], 4);
+  return m;
+}
+
+// Half an octave finer step spreads a coefficient's symbols as the ladder row two up: +16 at v = 0, -14 at v = 15.
+inline int8_t class_shift(uint32_t v) { return static_cast<int8_t>(2 * (int32_t(kNeutralClass) - int32_t(v))); }
+
+// The TOKEN_CLASSES section (FORMAT.md §5.6): class (l, t) is nibble i = l T + t, the low one of byte i / 2 first.
+// false when the size is not ceil(L T / 2) or an odd count's padding nibble is not 0; else `classes` (L, T).
+inline bool unpack_token_classes(const uint8_t* data, uint64_t size, uint32_t layers, uint32_t num_tokens,
+                                 std::vector<uint8_t>* classes) {
+  const uint64_t count = uint64_t(layers) * num_tokens;
+  if (size != (count + 1) / 2 || (count % 2 == 1 && (data[size - 1] >> 4) != 0)) return false;
+  classes->resize(count);
+  for (uint64_t i = 0; i < count; ++i) (*classes)[i] = (data[i / 2] >> (4 * (i % 2))) & 15u;
+  return true;
+}
+
 // A tables file's transform record (FORMAT.md §8.1); W = heads * head_dim.
 struct TransformData {
   uint32_t num_sinks = 0;
@@ -25,6 +55,8 @@ struct TransformData {
   std::vector<float> inv_freq;                   // head_dim / 2 rotary frequencies of the keys
   std::vector<float> mean;                       // (layers, 2, W)
   std::vector<float> decode_matrix;              // (layers, 2, W, W): row c is the direction of coefficient c
+  uint32_t probe_queries = 0;                    // P of the probe record (FORMAT.md §8.2), 0 without one; its
+                                                 // values only serve encoders, so the reader checks and drops them
 };
 
 // One frame's shape as dequantize_transform needs it.
@@ -111,25 +143,27 @@ inline void rotary(const std::vector<float>& inv_freq, uint32_t token_start, uin
   }
 }
 
-// One token's vector x = y M + mean of (layer, K|V) lk (FORMAT.md §5.5 steps 1-2): y[c] = f32(q) * step[c]
-// as one f32 product, the sum of products in f64 (the format allows any order in f32 or wider), rounded once.
-inline void token_vector(const TransformData& tx, const float* steps, uint32_t lk, const int32_t* q, float* x,
-                         uint32_t width) {
+// One token's vector x = y M + mean of (layer, K|V) lk (FORMAT.md §5.5 steps 1-2): y[c] = (f32(q) * step[c]) *
+// mult as two f32 products (§5.6; mult = 1 on levels 6-7, exact), the sum of products in f64 (the format allows
+// any order in f32 or wider), rounded once.
+inline void token_vector(const TransformData& tx, const float* steps, uint32_t lk, const int32_t* q, float mult,
+                         float* x, uint32_t width) {
   const float* mean = tx.mean.data() + uint64_t(lk) * width;
   const float* matrix = tx.decode_matrix.data() + uint64_t(lk) * width * width;
   std::vector<double> sum(mean, mean + width);
   for (uint32_t c = 0; c < width; ++c) {
-    const double y = static_cast<float>(q[c]) * steps[uint64_t(lk) * width + c];
+    const float y = (static_cast<float>(q[c]) * steps[uint64_t(lk) * width + c]) * mult;
     if (y == 0) continue;  // most coefficients of a coarse level are 0: skip their row
-    for (uint32_t i = 0; i < width; ++i) sum[i] += y * matrix[uint64_t(c) * width + i];
+    for (uint32_t i = 0; i < width; ++i) sum[i] += double(y) * matrix[uint64_t(c) * width + i];
   }
   for (uint32_t i = 0; i < width; ++i) x[i] = static_cast<float>(sum[i]);
 }
 
-// Symbols (L, 2, H, T, D) of a level-6/7 frame -> 16-bit values (L, 2, H, T, D), keys rotated back
-// (FORMAT.md §5.5 steps 1-4 but the escapes, which the caller writes over these). `steps` is the level's (L, 2, W).
+// Symbols (L, 2, H, T, D) of a level-6/7/8 frame -> 16-bit values (L, 2, H, T, D), keys rotated back
+// (FORMAT.md §5.5 steps 1-4 but the escapes, which the caller writes over these). `steps` is the level's (L, 2, W);
+// `classes` (L, T) level 8's token classes (§5.6), nullptr on levels 6-7.
 inline void dequantize_transform(const TransformShape& s, const TransformData& tx, const float* steps,
-                                 const int32_t* symbols, uint16_t* out) {
+                                 const uint8_t* classes, const int32_t* symbols, uint16_t* out) {
   const uint32_t D = s.head_dim, half = D / 2, W = s.heads * D, T = s.num_tokens;
   std::vector<float> cos_t, sin_t, x(W);
   std::vector<int32_t> q(W);
@@ -138,7 +172,8 @@ inline void dequantize_transform(const TransformShape& s, const TransformData& t
     for (uint32_t t = 0; t < T; ++t) {
       auto at = [&](uint32_t h, uint32_t d) { return ((uint64_t(lk) * s.heads + h) * T + t) * D + d; };
       for (uint32_t c = 0; c < W; ++c) q[c] = symbols[at(c / D, c % D)] - kMaxCoefficient;  // c = h D + j
-      token_vector(tx, steps, lk, q.data(), x.data(), W);
+      const float mult = classes ? class_multiplier(classes[uint64_t(lk / 2) * T + t]) : 1.0f;
+      token_vector(tx, steps, lk, q.data(), mult, x.data(), W);
       for (uint32_t h = 0; h < s.heads; ++h) {
         const float* v = x.data() + h * D;
         if (lk % 2 == 1) {  // values: no rotary embedding

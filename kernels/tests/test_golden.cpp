@@ -122,9 +122,26 @@ void check_bad_transforms(const std::vector<uint8_t>& bytes, const cachegen::Tab
          std::memcpy(b.data() + record + matrix_at + 4 * width, b.data() + record + matrix_at, 4 * width);
        })},
       {"transform.decode_matrix", parse_edited(bytes, [](auto& b) { b.resize(b.size() - 4); })},
-      {"tables_size", parse_edited(bytes, [](auto& b) { b.resize(b.size() + 4, 0); })},
+      {"probe", parse_edited(bytes, [](auto& b) { b.resize(b.size() + 4, 0); })},  // too short for a probe record
   };
   for (const auto& [want, got] : cases) check(got == want, "bad transform record -> " + got + " (want " + want + ")");
+}
+
+// Level 8's constants and TOKEN_CLASSES nibbles (FORMAT.md §5.6): mult[v] is 2^((v - 8) / 2) rounded to f32 and
+// shift(v) = 2 (8 - v); L T odd leaves a padding nibble that must be 0. The golden frame has L T even, so the
+// padding rule is checked here on hand-made bytes.
+void check_token_classes() {
+  bool ok = true;
+  for (uint32_t v = 0; v < cachegen::kNumClasses; ++v)
+    ok = ok && cachegen::class_multiplier(v) == float(std::pow(2.0, (double(v) - 8) / 2)) &&
+         cachegen::class_shift(v) == 2 * (8 - int(v));
+  check(ok, "class multipliers and shifts as FORMAT.md 5.6");
+  std::vector<uint8_t> classes;
+  const uint8_t nibbles[] = {0x21, 0x03}, padded[] = {0x21, 0x13};
+  ok = cachegen::unpack_token_classes(nibbles, 2, 1, 3, &classes) && classes == std::vector<uint8_t>{1, 2, 3};
+  check(ok, "TOKEN_CLASSES nibbles low first");
+  check(!cachegen::unpack_token_classes(padded, 2, 1, 3, &classes), "TOKEN_CLASSES padding nibble 1 rejected");
+  check(!cachegen::unpack_token_classes(nibbles, 2, 1, 5, &classes), "TOKEN_CLASSES of the wrong size rejected");
 }
 
 }  // namespace
@@ -159,6 +176,7 @@ int main(int argc, char** argv) {
   check(cachegen::decode_frame(pca2.data(), frame, &tables.plain, &out) == "tables",
         "pca2_small.bin with tables lacking a transform record -> tables");
   check_bad_transforms(pca_bytes, tables.pca);
+  check_token_classes();
   std::printf("%d failure(s)\n", failures);
   return failures ? 1 : 0;
 }

@@ -18,7 +18,8 @@ enum SectionKind : uint32_t {
   kSectionScales = 3,
   kSectionStreamSizes = 4,
   kSectionWords = 5,
-  kSectionEscapes = 6,  // levels 6-7 (FORMAT.md §5.5)
+  kSectionEscapes = 6,       // levels 6-8 (FORMAT.md §5.5)
+  kSectionTokenClasses = 7,  // level 8 (FORMAT.md §5.6)
 };
 
 enum Status : int32_t {
