@@ -30,10 +30,12 @@ void check(bool ok, const std::string& what) {
   failures += ok ? 0 : 1;
 }
 
-// The two golden tables files. A frame names its tables by BLAKE2b id, a check this reader leaves to its caller;
-// the golden frames of levels 6-7 were coded with the one that has a transform record, all others with the plain.
+// The three golden tables files. A frame names its tables by BLAKE2b id, a check this reader leaves to its caller;
+// the golden frames of levels 6-7 were coded with the one that has a transform record, those of level 8 with the
+// one that also has the level's ladder and a probe record, all others with the plain.
 struct GoldenTables {
-  cachegen::TablesFile plain, pca;
+  cachegen::TablesFile plain, pca, pca2t;
+  const cachegen::TablesFile* of(uint32_t level) const { return level == 8 ? &pca2t : level >= 6 ? &pca : &plain; }
 };
 
 // Parse and decode one frame; "" when it decodes, else the field the reader rejected.
@@ -41,7 +43,7 @@ std::string verdict(const std::vector<uint8_t>& data, const GoldenTables& tables
   cachegen::FrameView frame;
   std::string bad = cachegen::parse_frame(data.data(), data.size(), &frame);
   if (!bad.empty()) return bad;
-  return cachegen::decode_frame(data.data(), frame, frame.level >= 6 ? &tables.pca : &tables.plain, out);
+  return cachegen::decode_frame(data.data(), frame, tables.of(frame.level), out);
 }
 
 // The check a MANIFEST line asks for (FORMAT.md Appendix A): "tables" parse, "mismatch" frames parse but name
@@ -70,7 +72,7 @@ void check_entry(const std::string& dir, const std::string& name, const std::str
 }
 
 // Within one bf16 step of the reference decoder, the bound tests/unit/test_format_golden.py uses: |got - want| <=
-// |want| 2^-7 + 1e-6. Levels 6-7 end in a sum of products, so decoders agree to f32 rounding only (FORMAT.md §5.5).
+// |want| 2^-7 + 1e-6. Levels 6-8 end in a sum of products, so decoders agree to f32 rounding only (FORMAT.md §5.5).
 bool within_bf16_step(const std::vector<uint16_t>& got, const std::vector<uint8_t>& want_bytes) {
   if (got.size() * 2 != want_bytes.size()) return false;
   for (size_t i = 0; i < got.size(); ++i) {
@@ -94,7 +96,7 @@ bool same_tokens(const std::vector<uint16_t>& got, const std::vector<uint8_t>& k
   return true;
 }
 
-// tables_small_pca.cgct after edit(body) with its CRC recomputed, so that parsing reaches the edited bytes.
+// A golden tables file after edit(body) with its CRC recomputed, so that parsing reaches the edited bytes.
 template <class Edit>
 std::string parse_edited(std::vector<uint8_t> bytes, Edit edit) {
   bytes.resize(bytes.size() - 4);
@@ -127,6 +129,37 @@ void check_bad_transforms(const std::vector<uint8_t>& bytes, const cachegen::Tab
   for (const auto& [want, got] : cases) check(got == want, "bad transform record -> " + got + " (want " + want + ")");
 }
 
+// Bad probe records and ladders (FORMAT.md §8.2, §5.6), made from tables_small_pca2t.cgct: the fields are those
+// token_classes.read_probe and tables._read_level report.
+void check_bad_probes(const std::vector<uint8_t>& bytes, const cachegen::TablesFile& t) {
+  const uint32_t per_head = t.transform->probe_queries;
+  const size_t log_norms = size_t(t.layers) * t.heads * per_head, queries_at = 8;
+  const size_t log_norm_at = queries_at + 4 * log_norms * t.head_dim, reference_at = log_norm_at + 4 * log_norms;
+  const size_t record = bytes.size() - 4 - (reference_at + 4 * t.layers);  // the probe record ends at the CRC
+  check(std::memcmp(bytes.data() + record, "CGIP", 4) == 0, "tables_small_pca2t.cgct probe record located");
+  size_t ladder_map = 18 + bytes[13] + 2;  // the level entries follow the head, model id and level count (§8)
+  for (const auto& lv : t.levels) {
+    if (lv.level == 8) break;
+    ladder_map += 9 + 2 * lv.bins.size() + 4 * lv.table_map.size() + 4 * lv.freq.size();
+  }
+  ladder_map += 9 + 2 * size_t(t.layers) * 2;  // level 8's head and bins, then its table_map
+  auto put_u32 = [](std::vector<uint8_t>& b, size_t at, uint32_t v) { std::memcpy(b.data() + at, &v, 4); };
+  auto put_float = [](std::vector<uint8_t>& b, size_t at, float v) { std::memcpy(b.data() + at, &v, 4); };
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"probe", parse_edited(bytes, [&](auto& b) { b[record + 3] = 'Q'; })},
+      {"probe", parse_edited(bytes, [&](auto& b) { put_u32(b, record + 4, 0); })},
+      {"probe", parse_edited(bytes, [&](auto& b) { put_u32(b, record + 4, 4097); })},
+      {"probe.queries", parse_edited(bytes, [&](auto& b) { put_float(b, record + queries_at, NAN); })},
+      {"probe.log_norm", parse_edited(bytes, [&](auto& b) { put_float(b, record + log_norm_at, INFINITY); })},
+      {"probe.reference", parse_edited(bytes, [&](auto& b) { put_float(b, record + reference_at, 0.0f); })},
+      {"probe.reference", parse_edited(bytes, [](auto& b) { b.resize(b.size() - 4); })},
+      {"tables_size", parse_edited(bytes, [](auto& b) { b.resize(b.size() + 4, 0); })},
+      {"table_map", parse_edited(bytes, [&](auto& b) { put_u32(b, ladder_map, 15); })},  // 15 - 14 at v = 15 < 0
+      {"table_map", parse_edited(bytes, [&](auto& b) { put_u32(b, ladder_map, 82); })},  // 82 + 16 at v = 0 > 95
+  };
+  for (const auto& [want, got] : cases) check(got == want, "bad probe or ladder -> " + got + " (want " + want + ")");
+}
+
 // Level 8's constants and TOKEN_CLASSES nibbles (FORMAT.md §5.6): mult[v] is 2^((v - 8) / 2) rounded to f32 and
 // shift(v) = 2 (8 - v); L T odd leaves a padding nibble that must be 0. The golden frame has L T even, so the
 // padding rule is checked here on hand-made bytes.
@@ -151,10 +184,14 @@ int main(int argc, char** argv) {
   check(cachegen::crc32(reinterpret_cast<const uint8_t*>("123456789"), 9) == 0xCBF43926u, "crc32 check value");
   GoldenTables tables;
   const auto plain_bytes = read_file(dir + "/tables_small.cgct"), pca_bytes = read_file(dir + "/tables_small_pca.cgct");
+  const auto pca2t_bytes = read_file(dir + "/tables_small_pca2t.cgct");
   cachegen::parse_tables(plain_bytes.data(), plain_bytes.size(), &tables.plain);
   check(cachegen::parse_tables(pca_bytes.data(), pca_bytes.size(), &tables.pca).empty() && tables.pca.transform &&
-            !tables.plain.transform,
-        "tables_small_pca.cgct has a transform record, tables_small.cgct none");
+            !tables.plain.transform && tables.pca.transform->probe_queries == 0,
+        "tables_small_pca.cgct has a transform record and no probe, tables_small.cgct none");
+  check(cachegen::parse_tables(pca2t_bytes.data(), pca2t_bytes.size(), &tables.pca2t).empty() &&
+            tables.pca2t.transform && tables.pca2t.transform->probe_queries == 4,
+        "tables_small_pca2t.cgct has a transform record and a probe of 4 queries per head");
   std::ifstream manifest(dir + "/MANIFEST");
   std::string line;
   while (std::getline(manifest, line)) {
@@ -176,6 +213,14 @@ int main(int argc, char** argv) {
   check(cachegen::decode_frame(pca2.data(), frame, &tables.plain, &out) == "tables",
         "pca2_small.bin with tables lacking a transform record -> tables");
   check_bad_transforms(pca_bytes, tables.pca);
+  const auto pca2t = read_file(dir + "/pca2t_small.bin");
+  check(verdict(pca2t, tables, &out).empty() && within_bf16_step(out, read_file(dir + "/pca2t_small_decoded.bin")),
+        "pca2t_small.bin decodes to pca2t_small_decoded.bin within one bf16 step");
+  check(same_tokens(out, read_file(dir + "/small_kv.bin"), 40, 16, 4), "pca2t_small.bin sink tokens 0-3 exact (raw)");
+  cachegen::parse_frame(pca2t.data(), pca2t.size(), &frame);
+  check(cachegen::decode_frame(pca2t.data(), frame, &tables.pca, &out) == "tables",
+        "pca2t_small.bin with tables lacking level 8 -> tables");
+  check_bad_probes(pca2t_bytes, tables.pca2t);
   check_token_classes();
   std::printf("%d failure(s)\n", failures);
   return failures ? 1 : 0;

@@ -55,6 +55,8 @@ def build() -> dict[str, tuple[bytes, str]]:
     words_end = len(q32) - 4
     pca_tables = calibrate([small_kv(64, 1), small_kv(64, 2)], SMALL, MODEL, transform=_tiny_transform())
     pca2 = encode(kv, SMALL, MODEL, level=7, tables=pca_tables)  # token_start 0: tokens 0-3 escaped (sinks)
+    pca2t_tables = calibrate([small_kv(64, 1), small_kv(64, 2)], SMALL, MODEL, transform=_full_transform())
+    pca2t = encode(kv, SMALL, MODEL, level=8, tables=pca2t_tables)  # classes 4-10 occur; tokens 0-3 escaped
     return {
         "raw_tiny.bin": (raw, "ok"),
         "tables_small.cgct": (tables.to_bytes(), "tables"),
@@ -81,6 +83,12 @@ def build() -> dict[str, tuple[bytes, str]]:
         "pca2_small.bin": (pca2, "transform"),
         "pca2_small_decoded.bin": (b"", "values"),  # filled in by the writer from the reference decoder
         "transform_bad_escapes.bin": (edited(pca2, _section_offset(pca2, 1), "<I", 41, True), "escapes"),
+        # Level 8 (FORMAT.md §5.6): the same KV with a step class per (layer, token), coded with tables that have
+        # the level's 96-row ladder and the probe record (§8.2). L T = 80 is even, so TOKEN_CLASSES has no padding.
+        "tables_small_pca2t.cgct": (pca2t_tables.to_bytes(), "tables"),
+        "pca2t_small.bin": (pca2t, "transform"),
+        "pca2t_small_decoded.bin": (b"", "values"),  # filled in by the writer from the reference decoder
+        "transform_bad_classes_size.bin": (_grown_section(pca2t, 2), "section.size"),  # TOKEN_CLASSES 41 bytes
     }
 
 
@@ -94,14 +102,31 @@ def _section_offset(frame: bytes, index: int) -> int:
     return parse_frame(frame).sections[index].offset
 
 
+def _grown_section(frame: bytes, index: int) -> bytes:
+    """The frame with one zero byte appended to section ``index`` (its table size too), resealed: a container
+    that parses, with a section one byte longer than its level prescribes (FORMAT.md §6 rule 6)."""
+    from cachegen.codec.bitstream import parse_frame
+
+    section = parse_frame(frame).sections[index]
+    data = bytearray(frame[: section.offset + section.size] + b"\0" + frame[section.offset + section.size :])
+    entry = 48 + data[15] + 16 * index
+    struct.pack_into("<Q", data, entry + 8, section.size + 1)
+    return reseal(data)
+
+
+def _full_transform():
+    """The fixture's transform with every level's steps (0.05, 0.2, 0.8 for levels 6-8) and its random probe."""
+    from tests.unit.codec_fixtures import tiny_transform
+
+    return tiny_transform([small_kv(64, 1), small_kv(64, 2)], SMALL)
+
+
 def _tiny_transform():
     """PCA of two KV samples in the plain metric, steps 0.05 (level 6) and 0.2 (level 7), rotary base 10000; the
     token-adaptive level 8 and its probe are left out, so these files stay what FORMAT.md Appendix A lists."""
     import dataclasses
 
-    from tests.unit.codec_fixtures import tiny_transform
-
-    full = tiny_transform([small_kv(64, 1), small_kv(64, 2)], SMALL)
+    full = _full_transform()
     return dataclasses.replace(full, steps={level: full.steps[level] for level in (6, 7)}, probe=None)
 
 
@@ -115,6 +140,9 @@ def main() -> None:
     pca_tables = load_tables(entries["tables_small_pca.cgct"][0])
     decoded = decode(entries["pca2_small.bin"][0], SMALL, MODEL, tables=pca_tables, backend="reference")
     entries["pca2_small_decoded.bin"] = (decoded.view(torch.int16).numpy().tobytes(), "values")
+    pca2t_tables = load_tables(entries["tables_small_pca2t.cgct"][0])
+    decoded = decode(entries["pca2t_small.bin"][0], SMALL, MODEL, tables=pca2t_tables, backend="reference")
+    entries["pca2t_small_decoded.bin"] = (decoded.view(torch.int16).numpy().tobytes(), "values")
     lines = []
     for name, (data, expect) in entries.items():
         (HERE / name).write_bytes(data)

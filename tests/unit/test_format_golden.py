@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from cachegen.codec import _ext, decode, encode, load_tables, peek_header
+from cachegen.codec.bitstream import parse_frame
+from cachegen.codec.transform_frame import read_classes
 from cachegen.errors import FormatError, LayoutMismatch
 from tests.golden.make_golden import MODEL, SMALL, TINY
 
@@ -68,16 +70,36 @@ def test_wrong_model_frame_is_layout_mismatch() -> None:
         decode(read("wrong_model.bin"), SMALL, MODEL)
 
 
+TRANSFORM_GOLDEN = [  # tables, frame, its reference decode, a bad frame of the same level, the field it must get
+    ("tables_small_pca.cgct", "pca2_small.bin", "pca2_small_decoded.bin", "transform_bad_escapes.bin", "escapes"),
+    ("tables_small_pca2t.cgct", "pca2t_small.bin", "pca2t_small_decoded.bin", "transform_bad_classes_size.bin",
+     "section.size"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("tables_name", "name", "decoded", "bad", "field"), TRANSFORM_GOLDEN)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_transform_frame_decodes_within_rounding_of_golden(backend: str) -> None:
-    """Level 7 (FORMAT.md §5.5) decodes exactly to f32 rounding: within one bf16 step of the golden output, the
-    escaped sink tokens 0-3 bit for bit; the malformed ESCAPES count is rejected by name."""
-    tables = load_tables(read("tables_small_pca.cgct"))
-    got = decode(read("pca2_small.bin"), SMALL, MODEL, tables=tables, backend=backend).float()
-    want = torch.from_numpy(np.frombuffer(read("pca2_small_decoded.bin"), np.int16).copy()).view(torch.bfloat16)
+def test_transform_frame_decodes_within_rounding_of_golden(
+    tables_name: str, name: str, decoded: str, bad: str, field: str, backend: str
+) -> None:
+    """Levels 7 and 8 (FORMAT.md §5.5, §5.6) decode exactly to f32 rounding: within one bf16 step of the golden
+    output, the escaped sink tokens 0-3 bit for bit; the bad frame (an ESCAPES count of 41 for 40 tokens, a
+    TOKEN_CLASSES section one byte too long) is rejected by name."""
+    tables = load_tables(read(tables_name))
+    got = decode(read(name), SMALL, MODEL, tables=tables, backend=backend).float()
+    want = torch.from_numpy(np.frombuffer(read(decoded), np.int16).copy()).view(torch.bfloat16)
     want = want.reshape(SMALL.shape(40)).float()
     assert torch.all((got - want).abs() <= want.abs() * 2.0**-7 + 1e-6)
     assert torch.equal(got[:, :, :, :4], small_kv()[:, :, :, :4].float())
     with pytest.raises(FormatError) as info:
-        decode(read("transform_bad_escapes.bin"), SMALL, MODEL, tables=tables, backend=backend)
-    assert info.value.field == "escapes"
+        decode(read(bad), SMALL, MODEL, tables=tables, backend=backend)
+    assert info.value.field == field
+
+
+def test_token_adaptive_golden_frame_uses_several_classes() -> None:
+    """The level-8 golden frame exercises what §5.6 adds: its tables carry a probe record (§8.2) and its tokens
+    several classes, so both the table shifts and the step multipliers vary."""
+    tables = load_tables(read("tables_small_pca2t.cgct"))
+    assert tables.transform is not None and tables.transform.probe is not None
+    frame = memoryview(read("pca2t_small.bin"))
+    assert len(np.unique(read_classes(frame, parse_frame(frame), SMALL))) >= 5
