@@ -82,7 +82,7 @@ LEVELS: tuple[Level, ...] = (
 rANS-coded with per-model tables (``cachegen calibrate``), 6-8 transform-coded with a per-model transform
 (calibrated with the model; 8 also gives each token a step class); FORMAT.md §5 defines each."""
 
-LOSSY_ORDER: tuple[str, ...] = ("q8", "pca3", "pca2t", "q32", "pca2", "default", "small")
+LOSSY_ORDER: tuple[str, ...] = ("q8", "pca3", "q32", "pca2", "pca2t", "default", "small")
 """Lossy levels from most to least faithful, by measured fidelity (README's codec table), not by id."""
 
 LEVEL_BY_NAME = {level.name: level for level in LEVELS}

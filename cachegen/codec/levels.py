@@ -16,6 +16,8 @@ teacher-forced over 256 tokens, tables, sensitivity and transform calibrated on 
     256 / 256        ("q8")             6.62        0.980   0.002                6.71   0.990  0.002
     transform, 2.6 bits target ("pca3") 2.87        0.984   0.004                2.85   0.973  0.012
     transform, 1.75 bits target ("pca2") 1.98       0.953   0.012                1.96   0.939  0.038
+    + token classes, 1.75 target ("pca2t") 1.90   0.951   0.0095
+    + token classes, 1.82 target ("pca2t")                               1.84   0.927  0.056
 
 Tried and lost: per-channel key normalization before the token max (3.1 bits/value, top-1 0.88: the outlier
 channels are the ones attention needs precise), fixed per-channel steps without token scales (0.82 at 3.0),
