@@ -140,17 +140,15 @@ def quantize(
     classes = None
     if adaptive:
         assert transform.probe is not None
-        classes = np.maximum(
-            token_classes.classes_of(token_classes.scores(x[:, 0], transform.probe), transform.probe.reference),
-            _fitting_class(coefs, step),
-        )
-        step = step * torch.from_numpy(MULTIPLIERS[np.minimum(classes, len(MULTIPLIERS) - 1)])[:, None, :, None]
+        wanted = token_classes.classes_of(token_classes.scores(x[:, 0], transform.probe), transform.probe.reference)
+        # a token no class holds (16) takes the coarsest, overflows it and so travels raw below
+        classes = np.minimum(np.maximum(wanted, _fitting_class(coefs, step)), len(MULTIPLIERS) - 1)
+        step = step * torch.from_numpy(MULTIPLIERS[classes])[:, None, :, None]
     q = torch.round(coefs / step)  # round half to even, as rint
     sinks = np.arange(x.shape[2]) + token_start < transform.num_sinks
     escaped = np.flatnonzero(sinks | (q.abs() > MAX_COEFFICIENT).any(dim=(0, 1, 3)).numpy())
     q[:, :, escaped] = 0
     if classes is not None:
-        classes = np.minimum(classes, len(MULTIPLIERS) - 1)
         classes[:, escaped] = NEUTRAL
     layers, _, tokens, _ = q.shape
     symbols = (q.to(torch.int32) + MAX_COEFFICIENT).reshape(layers, 2, tokens, -1, kv.shape[4])
@@ -159,12 +157,20 @@ def quantize(
 
 def _fitting_class(coefs: torch.Tensor, step: torch.Tensor) -> np.ndarray:
     """(L, T) smallest class whose steps hold every K and V coefficient of that (layer, token) within 127 steps;
-    16 where none does (the token then travels raw)."""
-    fits = torch.stack([
-        (torch.round(coefs / (step * float(m))).abs() <= MAX_COEFFICIENT).all(dim=(1, 3)) for m in MULTIPLIERS
-    ])  # (16, L, T)  # fmt: skip
-    first = torch.argmax(fits.to(torch.int8), dim=0)
-    return torch.where(fits.any(dim=0), first, len(MULTIPLIERS)).numpy()
+    16 where none does (the token then travels raw). Fitting only gets easier as the class grows, so a binary
+    search per (layer, token) needs 5 passes over the coefficients, not one per class."""
+    multipliers = torch.from_numpy(MULTIPLIERS)
+    layers, _, tokens, _ = coefs.shape
+    low = torch.zeros(layers, tokens, dtype=torch.int64)  # the answer lies in [low, high]
+    high = torch.full((layers, tokens), len(MULTIPLIERS), dtype=torch.int64)
+    while bool((low < high).any()):
+        middle = (low + high) // 2  # < 16 wherever low < high
+        multiplier = multipliers[middle.clamp(max=len(MULTIPLIERS) - 1)][:, None, :, None]
+        fits = (torch.round(coefs / (step * multiplier)).abs() <= MAX_COEFFICIENT).all(dim=(1, 3))
+        open_ = low < high
+        high = torch.where(open_ & fits, middle, high)
+        low = torch.where(open_ & ~fits, middle + 1, low)
+    return low.numpy()
 
 
 def dequantize(
