@@ -81,11 +81,11 @@ def _coder_stats(kv, layout, level, tables) -> dict[str, float]:
     import numpy as np
 
     from cachegen.codec import _ext, coded, decode_streams_cpu, encode_symbols_cpu
-    from cachegen.codec.calibrate import level_symbols, table_ids
+    from cachegen.codec.calibrate import level_symbols
 
     entry = tables.for_level(level)
     symbols, shift = level_symbols(_chunks(kv, layout)[0][1], level, entry.quant_bins, tables.transform)
-    ids = table_ids(entry.table_map, shift, symbols.shape)
+    ids = coded.table_ids(entry.table_map, shift, symbols.shape)
     ideal_bits = -np.log2(entry.tables.freq[ids, symbols] / 2.0**24).sum()
     extra = {} if shift is None else {"token_shift": shift}
     ext = shift is None or _ext.has_token_shift()  # else the numpy reference coder (same words), and say so

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from cachegen.codec import quant, token_classes
+from cachegen.codec.coded import table_ids
 from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.codec.rans import Tables
 from cachegen.codec.tables import CodecTables, LevelTables, freq_from_counts
@@ -49,12 +50,6 @@ def level_symbols(
         symbols, _, classes = quantize(kv, transform, level, 0, scheme.token_adaptive)
         return symbols, None if classes is None else token_classes.SHIFTS[classes]
     return symbols_of(kv, bins)[0], None
-
-
-def table_ids(table_map: np.ndarray, shift: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
-    """Table of every symbol (L, 2, H, T, P): ``table_map`` per column, plus the token's shift (FORMAT.md §5.6)."""
-    ids = np.broadcast_to(table_map[:, :, :, None, :].astype(np.int64), shape)
-    return ids if shift is None else ids + shift.astype(np.int64)[:, None, None, :, None]
 
 
 def ladder_table_map(samples: Sequence[torch.Tensor], transform: Transform, level: int, layout: KVLayout):

@@ -28,21 +28,16 @@ def _block_spans(num_tokens: int) -> list[tuple[int, int, int]]:
     return spans
 
 
-def _table_ids(
-    table_map: np.ndarray, first: int, block_tokens: int, blocks: int, token_shift: np.ndarray | None = None
-) -> np.ndarray:
-    """Table of each stream position of the blocks from token ``first``: table_map[layer, kv, head, position mod
-    P] (FORMAT.md §5.3), plus ``token_shift[layer, token]`` (L, T) on the token-adaptive level (§5.6)."""
-    per_group = table_map.reshape(-1, table_map.shape[-1]).astype(np.int64)  # (L*2*H, P)
-    ids = np.repeat(np.tile(per_group, (1, block_tokens)), blocks, axis=0)
-    if token_shift is None:
-        return ids
-    layers, per_token = table_map.shape[0], table_map.shape[-1]
-    span = token_shift[:, first : first + block_tokens * blocks].astype(np.int64)  # (L, blocks * block)
-    shift = span.reshape(layers, 1, blocks, block_tokens, 1)  # one layer's shift for its K, V and every head
-    groups_per_layer = per_group.shape[0] // layers
-    shift = np.broadcast_to(shift, (layers, groups_per_layer, blocks, block_tokens, per_token))
-    return ids + shift.reshape(ids.shape)
+def table_ids(table_map: np.ndarray, token_shift: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """Table of every symbol (L, 2, H, T, P): ``table_map[layer, kv, head, position]`` (FORMAT.md §5.3), plus
+    ``token_shift[layer, token]`` (L, T) on the token-adaptive level (§5.6)."""
+    ids = np.broadcast_to(table_map[:, :, :, None, :].astype(np.int64), shape)
+    return ids if token_shift is None else ids + token_shift.astype(np.int64)[:, None, None, :, None]
+
+
+def _block_ids(ids: np.ndarray, first: int, block_tokens: int, blocks: int) -> np.ndarray:
+    """(groups * blocks, block_tokens * P) rows of ``ids`` (groups, T, P) for the blocks from token ``first``."""
+    return ids[:, first : first + block_tokens * blocks].reshape(ids.shape[0] * blocks, -1)
 
 
 def encode_symbols(
@@ -54,10 +49,10 @@ def encode_symbols(
     per_group = symbols.reshape(groups, symbols.shape[3], -1)
     pieces: list[list[np.ndarray]] = [[] for _ in range(groups)]
     sizes: list[list[np.ndarray]] = [[] for _ in range(groups)]
+    ids = table_ids(level.table_map, token_shift, symbols.shape).reshape(groups, symbols.shape[3], -1)
     for first, block, blocks in _block_spans(symbols.shape[3]):
-        part = per_group[:, first : first + block * blocks].reshape(groups * blocks, -1)
-        ids = _table_ids(level.table_map, first, block, blocks, token_shift)
-        words, counts = rans.encode_streams(part, ids, level.tables)
+        part = _block_ids(per_group, first, block, blocks)
+        words, counts = rans.encode_streams(part, _block_ids(ids, first, block, blocks), level.tables)
         split = np.split(words, np.cumsum(counts.astype(np.int64))[:-1])
         for stream, chunk in enumerate(split):
             pieces[stream // blocks].append(chunk)
@@ -77,13 +72,13 @@ def decode_symbols(
     starts = np.concatenate([[0], np.cumsum(sizes.astype(np.int64))])[:-1].reshape(groups, per_group)
     counts = sizes.reshape(groups, per_group)
     out = np.empty((groups, num_tokens, shape[4]), np.int32)
+    ids = table_ids(level.table_map, token_shift, shape).reshape(groups, num_tokens, -1)
     column = 0
     for first, block, blocks in spans:
         part_starts = starts[:, column : column + blocks].ravel()
         part_counts = counts[:, column : column + blocks].ravel()
         gathered = np.concatenate([words[a : a + n] for a, n in zip(part_starts, part_counts, strict=True)])
-        ids = _table_ids(level.table_map, first, block, blocks, token_shift)
-        symbols = rans.decode_streams(gathered, part_counts, ids, level.tables)
+        symbols = rans.decode_streams(gathered, part_counts, _block_ids(ids, first, block, blocks), level.tables)
         out[:, first : first + block * blocks] = symbols.reshape(groups, block * blocks, shape[4])
         column += blocks
     return out.reshape(shape)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cachegen.codec import calibrate, decode, encode
-from cachegen.codec.calibrate import level_symbols, table_ids
-from cachegen.codec.coded import encode_symbols
+from cachegen.codec.calibrate import level_symbols
+from cachegen.codec.coded import encode_symbols, table_ids
 from cachegen.model import kv_layout
 from cachegen.spec import LEVEL_BY_NAME
 from tests.integration.test_codec_real_kv import constriction_words
