@@ -80,23 +80,18 @@ def _coder_stats(kv, layout, level, tables) -> dict[str, float]:
     import constriction
     import numpy as np
 
-    from cachegen.codec import _ext, coded, decode_streams_cpu, encode_symbols_cpu
+    from cachegen.codec import coded, decode_streams_cpu, encode_symbols_cpu
     from cachegen.codec.calibrate import level_symbols
 
     entry = tables.for_level(level)
     symbols, shift = level_symbols(_chunks(kv, layout)[0][1], level, entry.quant_bins, tables.transform)
     ids = coded.table_ids(entry.table_map, shift, symbols.shape)
     ideal_bits = -np.log2(entry.tables.freq[ids, symbols] / 2.0**24).sum()
-    extra = {} if shift is None else {"token_shift": shift}
-    ext = shift is None or _ext.has_token_shift()  # else the numpy reference coder (same words), and say so
     began = time.perf_counter()
-    sizes, words = encode_symbols_cpu(symbols, entry, **extra) if ext else coded.encode_symbols(symbols, entry, shift)
+    sizes, words = encode_symbols_cpu(symbols, entry, token_shift=shift)
     encode_s = time.perf_counter() - began
     began = time.perf_counter()
-    if ext:
-        decode_streams_cpu(words, sizes, entry, symbols.shape, None, **extra)
-    else:
-        coded.decode_symbols(sizes, words, entry, symbols.shape, shift)
+    decode_streams_cpu(words, sizes, entry, symbols.shape, None, token_shift=shift)
     decode_s = time.perf_counter() - began
     # constriction on the first head's first stream block (it needs per-symbol tables: freq - 1, perfect=False)
     n = min(symbols.shape[3], 32) * symbols.shape[4]
@@ -112,7 +107,6 @@ def _coder_stats(kv, layout, level, tables) -> dict[str, float]:
     count = symbols.size
     identical = bool(np.array_equal(coder.get_compressed(), words[: int(sizes[0])])) if n == 32 * ids.shape[4] else None
     return {
-        "coder": "extension" if ext else "numpy reference",
         "constriction_identical_words": identical,
         "entropy_overhead": float(words.size * 32 / ideal_bits - 1),
         "encode_msym_s": count / encode_s / 1e6, "decode_msym_s": count / decode_s / 1e6,

@@ -89,9 +89,8 @@ def _symbols(
     """(L, 2, H, T, P) symbols of the frame's streams, each within its level's bins (FORMAT.md §6 rule 7);
     ``shift`` (L, T): the token-adaptive level's table shifts (§5.6; the tables' ladder range keeps them in range)."""
     shape = entry.table_map.shape[:3] + (num_tokens, entry.table_map.shape[-1])
-    if use_ext and (shift is None or _ext.has_token_shift()):
-        extra = {} if shift is None else {"token_shift": shift}
-        symbols, status, bad = _ext.decode(words, sizes, entry, shape, None, **extra)
+    if use_ext:
+        symbols, status, bad = _ext.decode(words, sizes, entry, shape, None, token_shift=shift)
         _raise_status(status, bad, at)
     else:
         symbols = coded.decode_symbols(sizes, words, entry, shape, shift)

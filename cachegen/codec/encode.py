@@ -89,21 +89,15 @@ def _coded_sections(
         scales = None
     else:
         symbols, scales = symbols_of(kv, entry.quant_bins)
-    sizes, words = _encode_streams(symbols, entry, shift, use_ext)
+    if use_ext:
+        sizes, words = _ext.encode_symbols(symbols, entry, token_shift=shift)
+    else:
+        sizes, words = coded.encode_symbols(symbols, entry, shift)
     if scales is not None:
         sections.append((coded.SECTION_SCALES, scales.astype("<u2").tobytes()))
     sections.append((coded.SECTION_STREAM_SIZES, sizes.astype("<u4").tobytes()))
     sections.append((coded.SECTION_WORDS, words.astype("<u4").tobytes()))
     return sections
-
-
-def _encode_streams(symbols, entry: LevelTables, shift, use_ext: bool):
-    """The C++ coder where built (and, for per-token shifts, new enough), else the numpy reference: same words."""
-    if use_ext and shift is None:
-        return _ext.encode_symbols(symbols, entry)
-    if use_ext and _ext.has_token_shift():
-        return _ext.encode_symbols(symbols, entry, token_shift=shift)
-    return coded.encode_symbols(symbols, entry, shift)
 
 
 def _check_arguments(model_id: bytes, level: int, token_start: int, num_tokens: int) -> None:
