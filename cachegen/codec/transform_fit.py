@@ -117,6 +117,14 @@ def fit_steps(
     that the largest calibration coefficient times ``margin`` still fits 127 steps (else whole tokens would
     travel raw), never above ``cap`` (a coarser level's steps), with ``c`` bisected in log space to code
     ``coefs`` at ``bits_per_value``."""
+    return _bisected_steps(
+        coefs, sensitivity, bits_per_value, margin, cap, lambda step: _entropy_bits(coefs, step) / coefs.numel(), 30
+    )
+
+
+def _bisected_steps(coefs, sensitivity, bits_per_value: float, margin: float, cap, rate, iterations: int) -> np.ndarray:
+    """``c * s^-ALPHA`` steps, floored by the range and capped, with ``c`` bisected in log space until
+    ``rate(steps)`` (bits/value) meets ``bits_per_value``."""
     shape = torch.from_numpy(sensitivity**-ALPHA).float()[:, :, None]
     floor = coefs.abs().amax(dim=2) * margin / MAX_COEFFICIENT  # (L, 2, W)
     ceiling = torch.from_numpy(cap) if cap is not None else torch.full_like(floor, math.inf)
@@ -125,10 +133,9 @@ def fit_steps(
         return torch.minimum(torch.maximum(math.exp(log_c) * shape, floor), ceiling)
 
     low, high = math.log(1e-4), math.log(1e3)
-    for _ in range(30):
+    for _ in range(iterations):
         middle = (low + high) / 2
-        bits = _entropy_bits(coefs, steps(middle)) / coefs.numel()
-        low, high = (middle, high) if bits > bits_per_value else (low, middle)
+        low, high = (middle, high) if rate(steps(middle)) > bits_per_value else (low, middle)
     return steps(high).numpy()
 
 
@@ -168,10 +175,9 @@ def fit_adaptive_steps(coefs: torch.Tensor, keys: torch.Tensor, probe: Probe, se
     """``fit_steps`` for the token-adaptive level: the rate counts each token at its class (the probe's, raised
     to fit 127 steps as the encoder does) and each symbol in its ladder row, as the coder will."""
     importance = torch.from_numpy(token_classes.classes_of(token_classes.scores(keys, probe), probe.reference))
-    shape = torch.from_numpy(sensitivity**-ALPHA).float()[:, :, None]
-    floor = coefs.abs().amax(dim=2) * margin / MAX_COEFFICIENT
     mean_abs = coefs.abs().mean(2).numpy()
     multipliers, shifts = torch.from_numpy(MULTIPLIERS), torch.from_numpy(SHIFTS.astype(np.int64))
+    alphabet = 2 * MAX_COEFFICIENT + 1
 
     def bits(step: torch.Tensor) -> float:
         ratio = (coefs.abs() / step[:, :, None]).amax(dim=(1, 3))  # (L, N)
@@ -180,23 +186,12 @@ def fit_adaptive_steps(coefs: torch.Tensor, keys: torch.Tensor, probe: Probe, se
         q = torch.clamp(torch.round(coefs / (step[:, :, None] * multipliers[v][:, None, :, None])), -127, 127)
         rows = torch.from_numpy(token_classes.ladder_map(mean_abs, step.numpy()).astype(np.int64))
         ids = rows[:, :, None, :] + shifts[v][:, None, :, None]
-        alphabet = 2 * MAX_COEFFICIENT + 1
-        counts = (
-            torch.bincount(
-                (ids * alphabet + q.long() + MAX_COEFFICIENT).ravel(), minlength=token_classes.LADDER_TABLES * alphabet
-            )
-            .double()
-            .reshape(-1, alphabet)
-        )
+        flat = (ids * alphabet + q.long() + MAX_COEFFICIENT).ravel()
+        counts = torch.bincount(flat, minlength=token_classes.LADDER_TABLES * alphabet).double().reshape(-1, alphabet)
         p = counts / counts.sum(1, keepdim=True).clamp_min(1)
-        return float(-(counts * torch.where(counts > 0, p.log2(), 0)).sum()) / coefs.numel()  # fmt: skip
+        return float(-(counts * torch.where(counts > 0, p.log2(), 0)).sum()) / coefs.numel()
 
-    low, high = math.log(1e-4), math.log(1e3)
-    for _ in range(22):
-        middle = (low + high) / 2
-        step = torch.maximum(math.exp(middle) * shape, floor)
-        low, high = (middle, high) if bits(step) > bits_per_value else (low, middle)
-    return torch.maximum(math.exp(high) * shape, floor).numpy()
+    return _bisected_steps(coefs, sensitivity, bits_per_value, margin, None, bits, 22)
 
 
 def fit_transform(model, samples: list[tuple[torch.Tensor, dict[int, torch.Tensor]]], layout: KVLayout, probe):
