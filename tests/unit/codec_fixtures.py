@@ -54,3 +54,11 @@ def outlier_kv(layout: KVLayout, num_tokens: int, seed: int) -> torch.Tensor:
     kv = torch.randn(layout.shape(num_tokens), generator=generator)
     kv[:, 0, :, :, 3] *= 8
     return kv.bfloat16()
+
+
+def tiny_tables(layout: KVLayout, model_id: bytes):
+    """Tables of every level, transform-coded ones included, calibrated on two ``outlier_kv`` samples of 32 tokens."""
+    from cachegen.codec import calibrate
+
+    samples = [outlier_kv(layout, 32, 1), outlier_kv(layout, 32, 2)]
+    return calibrate(samples, layout, model_id, transform=tiny_transform(samples, layout))

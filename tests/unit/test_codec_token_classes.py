@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cachegen.codec import calibrate, decode, encode, load_tables, token_classes
+from cachegen.codec import decode, encode, load_tables, token_classes
 from cachegen.codec.bitstream import parse_frame
 from cachegen.codec.tables import CodecTables
 from cachegen.codec.transform import Transform
@@ -16,7 +16,7 @@ from cachegen.codec.transform_frame import read_classes
 from cachegen.errors import FormatError, InvalidRequest, LayoutMismatch
 from cachegen.spec import LEVEL_BY_NAME, KVLayout
 from tests.golden.make_golden import reseal
-from tests.unit.codec_fixtures import frame_bound, outlier_kv, tiny_transform
+from tests.unit.codec_fixtures import frame_bound, outlier_kv, tiny_tables
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16", tokens_per_chunk=32)
 MODEL = b"model-fingerprint"
@@ -29,8 +29,7 @@ def make_kv(num_tokens: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tables():
-    samples = [make_kv(32, 1), make_kv(32, 2)]
-    return calibrate(samples, LAYOUT, MODEL, transform=tiny_transform(samples, LAYOUT))
+    return tiny_tables(LAYOUT, MODEL)
 
 
 def test_class_constants_are_what_the_format_lists() -> None:

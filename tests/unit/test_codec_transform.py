@@ -15,7 +15,7 @@ from cachegen.codec.transform_fit import fit_steps
 from cachegen.errors import FormatError, InvalidRequest
 from cachegen.spec import LEVEL_BY_NAME, KVLayout
 from tests.golden.make_golden import reseal
-from tests.unit.codec_fixtures import outlier_kv, tiny_transform
+from tests.unit.codec_fixtures import outlier_kv, tiny_tables
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16", tokens_per_chunk=32)
 MODEL = b"model-fingerprint"
@@ -28,8 +28,7 @@ def make_kv(num_tokens: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tables():
-    samples = [make_kv(32, 1), make_kv(32, 2)]
-    return calibrate(samples, LAYOUT, MODEL, transform=tiny_transform(samples, LAYOUT))
+    return tiny_tables(LAYOUT, MODEL)
 
 
 @pytest.mark.parametrize("level", [PCA3, PCA2])
