@@ -6,7 +6,8 @@ sensitivity, timed on a pydoc chunk the tables never saw), cached under `--cache
 Per level and mode (int32 symbols, and the fused 16-bit output the frame decoder uses): the median of `--repeats`
 timed decodes on one thread. `--baseline PATH` loads an earlier build of the extension (a saved `_cpu*.so`) and
 times it in the same process, interleaved repeat by repeat with the current one, so machine noise hits both alike;
-its outputs must equal the current build's bit for bit.
+its outputs must equal the current build's bit for bit. On a CPU with the AVX-512 decode path, the same build's
+portable lanes (`simd=False`) are timed the same way, for `simd_speedup`.
 """
 
 from __future__ import annotations
@@ -128,6 +129,10 @@ def _time_level(entry, kv, args, baseline) -> list[dict]:
     rows = []
     for mode, fused in (("symbols", None), ("fused", () if scales is None else (scales, entry.bins))):
         runs = {"new": lambda fused=fused: _ext.decode(words, sizes, entry, symbols.shape, fused, 1)[:2]}
+        if _ext.has_simd_decode():  # the same build's portable lanes, for the vector path's speedup
+            runs["portable"] = lambda fused=fused: _ext.decode(
+                words, sizes, entry, symbols.shape, fused, 1, simd=False
+            )[:2]
         if baseline is not None:
             runs["old"] = lambda fused=fused: _baseline_decode(baseline, words, sizes, entry, symbols.shape, fused)
         outputs = {name: fn() for name, fn in runs.items()}  # warm-up, and the outputs to compare
@@ -142,6 +147,9 @@ def _time_level(entry, kv, args, baseline) -> list[dict]:
         for name, values in times.items():
             row[f"{name}_msym_s"] = symbols.size / statistics.median(values) / 1e6
             row[f"{name}_msym_s_best"] = symbols.size / min(values) / 1e6
+        if "portable" in runs:
+            row["portable_identical"] = bool(np.array_equal(outputs["portable"][0], outputs["new"][0]))
+            row["simd_speedup"] = row["new_msym_s"] / row["portable_msym_s"]
         if baseline is not None:
             row["identical"] = bool(np.array_equal(outputs["old"][0], outputs["new"][0]))
             row["speedup"] = row["new_msym_s"] / row["old_msym_s"]
@@ -150,6 +158,7 @@ def _time_level(entry, kv, args, baseline) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cachegen.codec import _ext
     from cachegen.spec import LEVELS
 
     source = "synthetic"
@@ -171,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
                 rows.append({"level": level.name, **row})
                 log.info("codec speed %s", rows[-1])
     result = {"git_sha": git_sha(), "device": device_name(), "threads": 1, "data": source, "tokens": kv.shape[3],
+              "simd_decode": _ext.has_simd_decode(),
               "repeats": args.repeats, "baseline": args.baseline or None, "rows": rows}  # fmt: skip
     emit(result, args.json)
     return 0

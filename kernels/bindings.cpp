@@ -117,15 +117,15 @@ bool attach_lookup(const Py_buffer& slots, const Py_buffer& bounds, LevelDesc* d
 }
 
 // decode(desc, table_map, freq, cum, slots, bounds, words, sizes, scales|None, bins|None, out, mode, threads
-//        [, token_shift|None]) -> (status, first bad stream); slots and bounds: the lookup of cachegen::TableSet.
+//        [, token_shift|None[, simd]]) -> (status, first bad stream); slots and bounds: the lookup of cachegen::TableSet.
 // mode 0: int32 symbols into out; mode 1: fused 16-bit values (bf16 dequant when bins given, else bytes joined).
-// token_shift (int8 (layers, num_tokens)): mode 0 only.
+// token_shift (int8 (layers, num_tokens)): mode 0 only. simd (default true): false keeps to the portable lanes.
 PyObject* decode(PyObject*, PyObject* args) {
   PyObject *desc, *scales_obj, *bins_obj, *shift_obj = Py_None;
   Py_buffer map, freq, cum, slots, bounds, words, sizes, out, scales{}, bins{}, shift{};
-  int mode, threads;
-  if (!PyArg_ParseTuple(args, "Oy*y*y*y*y*y*y*OOw*ii|O", &desc, &map, &freq, &cum, &slots, &bounds, &words, &sizes,
-                        &scales_obj, &bins_obj, &out, &mode, &threads, &shift_obj))
+  int mode, threads, simd = 1;
+  if (!PyArg_ParseTuple(args, "Oy*y*y*y*y*y*y*OOw*ii|Op", &desc, &map, &freq, &cum, &slots, &bounds, &words, &sizes,
+                        &scales_obj, &bins_obj, &out, &mode, &threads, &shift_obj, &simd))
     return nullptr;
   Buffers guard{{&map, &freq, &cum, &slots, &bounds, &words, &sizes, &out}};
   LevelDesc d;
@@ -133,6 +133,7 @@ PyObject* decode(PyObject*, PyObject* args) {
       !need(shift_obj == Py_None || mode == 0, "token_shift decodes to symbols only (no fused mode)") ||
       !attach_shift(shift_obj, &shift, guard, &d))
     return nullptr;
+  d.allow_simd = simd != 0;
   const bool is_quant = bins_obj != Py_None;
   if (is_quant) {
     if (PyObject_GetBuffer(scales_obj, &scales, PyBUF_SIMPLE) != 0) return nullptr;
@@ -184,5 +185,6 @@ PyMODINIT_FUNC PyInit__cpu() {
   PyModule_AddIntConstant(m, "STREAM_TOKENS", cachegen::kStreamTokens);
   PyModule_AddIntConstant(m, "HEADER_SIZE", cachegen::kHeaderSize);
   PyModule_AddIntConstant(m, "HAS_TOKEN_SHIFT", 1);  // encode_symbols and decode take token_shift
+  PyModule_AddIntConstant(m, "HAS_SIMD_DECODE", cachegen::has_simd_decode());  // this CPU runs lanes_avx512.h
   return m;
 }

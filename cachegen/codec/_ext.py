@@ -52,6 +52,11 @@ def has_token_shift() -> bool:
     return _CPU is not None and bool(getattr(_CPU, "HAS_TOKEN_SHIFT", 0))
 
 
+def has_simd_decode() -> bool:
+    """True when the CPU extension decodes with its AVX-512 lanes on this CPU (kernels/cpu/lanes_avx512.h)."""
+    return _CPU is not None and bool(getattr(_CPU, "HAS_SIMD_DECODE", 0))
+
+
 def constants() -> dict[str, int]:
     """Numbers the extension was compiled with (kernels/include/cachegen/spec.h), for the parity test."""
     assert _CPU is not None, "CPU extension not built"
@@ -99,11 +104,12 @@ def decode(
     fused: tuple | None,
     num_threads: int = 1,
     token_shift: np.ndarray | None = None,
+    simd: bool = True,
 ) -> tuple[np.ndarray, int, int]:
     """Decode streams; ``fused=None`` gives int32 symbols of ``shape``, ``(scales, bins)`` or ``()`` gives 16-bit
     values (bf16-dequantized, or lossless bytes joined). Returns (array, status, first bad stream).
     ``token_shift``: as ``encode_symbols`` took it (None, or int8 (layers, num_tokens)); symbols only, so
-    ValueError with ``fused`` not None."""
+    ValueError with ``fused`` not None. ``simd=False`` keeps to the portable decode loop (same results)."""
     assert _CPU is not None
     if token_shift is not None and fused is not None:
         raise ValueError("token_shift decodes to symbols only: fused must be None")
@@ -118,7 +124,7 @@ def decode(
         scales, bins = (np.ascontiguousarray(f, "<u2") for f in fused) if fused else (None, None)
     status, bad = _CPU.decode(
         args, table_map, freq, cum, entry.slots, entry.bounds, np.ascontiguousarray(words, "<u4"),
-        np.ascontiguousarray(sizes, "<u4"), scales, bins, out, 0 if fused is None else 1, num_threads, shift,
+        np.ascontiguousarray(sizes, "<u4"), scales, bins, out, 0 if fused is None else 1, num_threads, shift, simd,
     )  # fmt: skip
     return out, status, bad
 

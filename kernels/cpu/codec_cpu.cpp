@@ -2,6 +2,7 @@
 #include "codec_cpu.h"
 
 #include "lanes.h"
+#include "lanes_avx512.h"
 
 #include <algorithm>
 #include <atomic>
@@ -133,8 +134,62 @@ void decode_blocks(const LevelDesc& d, const StreamPlan& p, uint32_t g, uint32_t
   for (uint32_t k = 0; k < kLanes; ++k) if (bad >> k & 1) fail(s + k, sinks[k].is_bad());
 }
 
-// Decodes every stream: full blocks 8 and then 4 at a time, the rest (and the short tail block) one by one.
-// kShifted must say whether d.token_shift is set (the unshifted lane loop is the fast path, kept apart).
+#if CACHEGEN_HAS_AVX512_PATH
+constexpr uint32_t kChains = 4;  // vectors in flight (lanes_avx512.h); 2 and 6 measured the same within noise
+
+// Decodes items [first, first + kN) with decode_vectors: item i is the 8 full blocks from 8 * (i % runs) of group
+// i / runs, one vector.
+template <uint32_t kN, class MakeSink, class Fail>
+void decode_items(const LevelDesc& d, const StreamPlan& p, uint64_t first, uint32_t runs, const uint32_t* words,
+                  const uint64_t* offsets, const uint32_t* sizes, MakeSink& make_sink, Fail& fail) {
+  const uint32_t stride = (d.per_token + 7) / 8 * 8;
+  std::vector<LookupRow> rows[kN];
+  std::vector<Prefetch> ahead[kN];
+  GroupRows group[kN];
+  Lane lanes[8 * kN];
+  decltype(make_sink(0u, 0u, 0u)) sinks[8 * kN];
+  uint64_t stream[kN];
+  for (uint32_t j = 0; j < kN; ++j) {
+    const uint32_t g = uint32_t((first + j) / runs), b = uint32_t((first + j) % runs) * 8;
+    group_rows(d, g, rows[j], ahead[j]);
+    group[j] = {rows[j].data(), ahead[j].data()};
+    stream[j] = uint64_t(g) * p.per_group + b;
+    for (uint32_t k = 0; k < 8; ++k) {
+      lanes[8 * j + k] = start_lane(words + offsets[stream[j] + k], sizes[stream[j] + k]);
+      sinks[8 * j + k] = make_sink(g, p.first_token(b + k), kStreamTokens);
+    }
+  }
+  std::vector<uint8_t> syms(uint64_t(8) * kN * stride);
+  const uint64_t bad =
+      decode_vectors<kN>(lanes, words, group, d.per_token, d.tables.alphabet, sinks, syms.data(), stride);
+  for (uint32_t i = 0; i < 8 * kN; ++i) if (bad >> i & 1) fail(stream[i / 8] + i % 8, sinks[i].is_bad());
+}
+
+// Decodes every group's runs of 8 full blocks with AVX-512 where it applies (simd_fits and the CPU has it), kChains
+// runs (of any groups) at a time; returns the blocks per group it decoded, the first ones (0: none).
+template <class MakeSink, class Fail>
+uint32_t decode_runs(const LevelDesc& d, const StreamPlan& p, const uint32_t* words, const uint64_t* offsets,
+                     const uint32_t* sizes, int num_threads, MakeSink& make_sink, Fail& fail) {
+  const uint32_t runs = p.full_blocks / 8;
+  const uint64_t items = uint64_t(p.groups) * runs;
+  if (!d.allow_simd || items == 0 || !simd_fits(d.tables, d.token_shift != nullptr) || !cpu_has_avx512()) return 0;
+  const uint32_t batches = uint32_t((items + kChains - 1) / kChains);
+  for_groups(batches, num_threads, [&](uint32_t batch) {
+    uint64_t i = uint64_t(batch) * kChains;
+    if (i + kChains <= items) {
+      decode_items<kChains>(d, p, i, runs, words, offsets, sizes, make_sink, fail);
+      return;
+    }
+    for (; i + 2 <= items; i += 2) decode_items<2>(d, p, i, runs, words, offsets, sizes, make_sink, fail);
+    if (i < items) decode_items<1>(d, p, i, runs, words, offsets, sizes, make_sink, fail);
+  });
+  return runs * 8;
+}
+#endif
+
+// Decodes every stream: runs of 8 full blocks with AVX-512 where the CPU has it, then full blocks 8 and 4 at a
+// time, the rest (and the short tail block) one by one. kShifted must say whether d.token_shift is set (the
+// unshifted lane loop is the fast path, kept apart).
 template <bool kShifted, class MakeSink>
 Status decode_all(const LevelDesc& d, const uint32_t* words, uint64_t num_words, const uint32_t* sizes,
                   int num_threads, int64_t* bad_stream, MakeSink make_sink) {
@@ -148,6 +203,14 @@ Status decode_all(const LevelDesc& d, const uint32_t* words, uint64_t num_words,
     int64_t expected = -1;
     if (first_bad.compare_exchange_strong(expected, int64_t(s))) status.store(is_symbol ? kBadSymbol : kBadFinalState);
   };
+  uint32_t first_block = 0;
+#if CACHEGEN_HAS_AVX512_PATH
+  first_block = decode_runs(d, p, words, offsets.data(), sizes, num_threads, make_sink, fail);
+#endif
+  if (first_block == p.per_group) {
+    *bad_stream = first_bad.load();
+    return static_cast<Status>(status.load());
+  }
   for_groups(p.groups, num_threads, [&](uint32_t g) {
     std::vector<LookupRow> rows;
     std::vector<Prefetch> ahead;
@@ -156,7 +219,7 @@ Status decode_all(const LevelDesc& d, const uint32_t* words, uint64_t num_words,
     std::vector<uint8_t> scratch(8 * d.per_token);  // a token's symbols per lane
     uint8_t* syms = scratch.data();
     const uint64_t* o = offsets.data();
-    uint32_t b = 0;
+    uint32_t b = first_block;
     for (; b + 8 <= p.full_blocks; b += 8)
       decode_blocks<8, kShifted>(d, p, g, b, words, o, sizes, gr, syms, make_sink, fail);
     for (; b + 4 <= p.full_blocks; b += 4)
@@ -179,6 +242,14 @@ void build_lookup(const TableSet& t, uint32_t num_tables, std::vector<uint8_t>* 
     std::copy(cum, cum + A, bounds->begin() + r * (A + 2));
     (*bounds)[r * (A + 2) + A] = (*bounds)[r * (A + 2) + A + 1] = kTotal;
   }
+}
+
+bool has_simd_decode() {
+#if CACHEGEN_HAS_AVX512_PATH
+  return cpu_has_avx512();  // for the levels simd_fits takes
+#else
+  return false;
+#endif
 }
 
 uint64_t num_streams(const LevelDesc& d) {

@@ -17,7 +17,13 @@ struct LevelDesc {
   // symbol at (l, kv, h, t, c) uses table table_map[l, kv, h, c] + token_shift[l * num_tokens + t]. The caller
   // checks that every such index lies in [0, num_tables). Only the symbol coders take it (decode_values_cpu: none).
   const int8_t* token_shift = nullptr;
+  // Decoders may use the AVX-512 lanes (kernels/cpu/lanes_avx512.h) where the CPU has them: same results, faster.
+  // false: the portable lanes only (to compare the two, or to time the portable path).
+  bool allow_simd = true;
 };
+
+// Whether this CPU runs the AVX-512 decode path (and the build has it).
+bool has_simd_decode();
 
 uint64_t num_streams(const LevelDesc& d);
 
