@@ -117,7 +117,8 @@ bool attach_lookup(const Py_buffer& slots, const Py_buffer& bounds, LevelDesc* d
 }
 
 // decode(desc, table_map, freq, cum, slots, bounds, words, sizes, scales|None, bins|None, out, mode, threads
-//        [, token_shift|None[, simd]]) -> (status, first bad stream); slots and bounds: the lookup of cachegen::TableSet.
+//        [, token_shift|None[, simd]]) -> (status, first bad stream); slots and bounds: the lookup of
+//        cachegen::TableSet.
 // mode 0: int32 symbols into out; mode 1: fused 16-bit values (bf16 dequant when bins given, else bytes joined).
 // token_shift (int8 (layers, num_tokens)): mode 0 only. simd (default true): false keeps to the portable lanes.
 PyObject* decode(PyObject*, PyObject* args) {

@@ -207,11 +207,7 @@ Status decode_all(const LevelDesc& d, const uint32_t* words, uint64_t num_words,
 #if CACHEGEN_HAS_AVX512_PATH
   first_block = decode_runs(d, p, words, offsets.data(), sizes, num_threads, make_sink, fail);
 #endif
-  if (first_block == p.per_group) {
-    *bad_stream = first_bad.load();
-    return static_cast<Status>(status.load());
-  }
-  for_groups(p.groups, num_threads, [&](uint32_t g) {
+  if (first_block < p.per_group) for_groups(p.groups, num_threads, [&](uint32_t g) {
     std::vector<LookupRow> rows;
     std::vector<Prefetch> ahead;
     group_rows(d, g, rows, ahead);

@@ -85,7 +85,8 @@ CG_AVX512_INLINE __m512i vec_step(LaneVec& v, const RowRegs& r, const uint32_t* 
     more = _mm512_mask_cmpge_epu64_mask(more, quantile, high) &
            _mm512_cmplt_epu64_mask(_mm512_add_epi64(sym, ones), alphabet);
   }
-  const __m512i next = _mm512_add_epi64(_mm512_mullo_epi64(_mm512_sub_epi64(high, low), _mm512_srli_epi64(v.state, kPrecision)),
+  const __m512i freq = _mm512_sub_epi64(high, low);
+  const __m512i next = _mm512_add_epi64(_mm512_mullo_epi64(freq, _mm512_srli_epi64(v.state, kPrecision)),
                                         _mm512_sub_epi64(quantile, low));
   __mmask8 refill = _mm512_cmplt_epu64_mask(next, _mm512_set1_epi64(int64_t(1) << 32));
   if (kChecked) refill &= _mm512_cmpneq_epu64_mask(v.remaining, _mm512_setzero_si512());
