@@ -1,10 +1,11 @@
 """`cachegen bench codec-speed`: one-core rANS decode Msym/s of the C++ extension per coded level, nothing else.
 
 Tables come from `cachegen.codec.calibrate` on real SmolLM2 KV (calibrated on essay tails with measured
-sensitivity, timed on a pydoc chunk the tables never saw), cached under `--cache` so reruns skip the model; with
-`--synthetic`, or when the model cannot be prepared, seeded Laplacian-like KV instead (the JSON says which).
-Per level and mode (int32 symbols, and the fused 16-bit output the frame decoder uses): the median of `--repeats`
-timed decodes on one thread. `--baseline PATH` loads an earlier build of the extension (a saved `_cpu*.so`) and
+sensitivity and the model's transform, timed on a pydoc chunk the tables never saw), cached under `--cache` so
+reruns skip the model; with `--synthetic`, or when the model cannot be prepared, seeded Laplacian-like KV instead,
+which has no transform-coded levels (the JSON says which). Per level and mode (int32 symbols, and for the
+quantized and lossless levels the fused 16-bit output the frame decoder uses; the transform levels' inverse
+transform runs in torch, so symbols only): the median of `--repeats` timed decodes on one thread. `--baseline PATH` loads an earlier build of the extension (a saved `_cpu*.so`) and
 times it in the same process, interleaved repeat by repeat with the current one, so machine noise hits both alike;
 its outputs must equal the current build's bit for bit. On a CPU with the AVX-512 decode path, the same build's
 portable lanes (`simd=False`) are timed the same way, for `simd_speedup`.
@@ -44,7 +45,8 @@ def _real_kv(args: argparse.Namespace):
     from cachegen.codec import load_tables
 
     cache = Path(args.cache)
-    kv_path, tables_path = cache / f"kv_{args.tokens}.safetensors", cache / "tables.cgct"
+    # "tables_transform": tables of earlier runs (no transform levels) are not reused
+    kv_path, tables_path = cache / f"kv_{args.tokens}.safetensors", cache / "tables_transform.cgct"
     if not (kv_path.exists() and tables_path.exists()):
         layout, tables, kv = _from_model(args.tokens)
         cache.mkdir(parents=True, exist_ok=True)
@@ -58,7 +60,7 @@ def _from_model(num_tokens: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cachegen.codec import calibrate
-    from cachegen.codec.calibrate_cli import calibration_texts, collect_kv, measure_sensitivity
+    from cachegen.codec.calibrate_cli import calibration_texts, collect_kv, fit_for_model
     from cachegen.config import Settings
     from cachegen.model import ensure_model, kv_layout, model_fingerprint
 
@@ -68,9 +70,9 @@ def _from_model(num_tokens: int):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     texts = calibration_texts(4)
-    samples = [collect_kv(model, tokenizer, text[len(text) // 2 :], 1024)[0] for text in texts[:2]]
-    sensitivity = measure_sensitivity(model, tokenizer, texts[1][len(texts[1]) // 2 :], 512)
-    tables = calibrate(samples, layout, model_fingerprint(model_dir, layout), sensitivity)
+    tails = [text[len(text) // 2 :] for text in (texts[1], texts[0])]
+    samples, sensitivity, transform = fit_for_model(model, tokenizer, tails, layout, 1024, 512)
+    tables = calibrate(samples, layout, model_fingerprint(model_dir, layout), sensitivity, transform)
     return layout, tables, collect_kv(model, tokenizer, texts[3], num_tokens)[0].contiguous()
 
 
@@ -119,21 +121,28 @@ def _baseline_decode(module, words, sizes, entry, shape, fused):
     return out, status
 
 
-def _time_level(entry, kv, args, baseline) -> list[dict]:
+def _time_level(entry, tables, kv, args, baseline) -> list[dict]:
     import numpy as np
 
     from cachegen.codec import _ext, encode_symbols_cpu, symbols_of
+    from cachegen.codec.calibrate import level_symbols
+    from cachegen.codec.levels import SCHEME_BY_LEVEL
 
-    symbols, scales = symbols_of(kv, entry.quant_bins)
-    sizes, words = encode_symbols_cpu(symbols, entry)
+    is_transform = SCHEME_BY_LEVEL[entry.level].is_transform
+    if is_transform:
+        (symbols, shift), scales = level_symbols(kv, entry.level, entry.quant_bins, tables.transform), None
+    else:
+        (symbols, scales), shift = symbols_of(kv, entry.quant_bins), None
+    sizes, words = encode_symbols_cpu(symbols, entry, token_shift=shift)
+    modes = [("symbols", None)] + ([] if is_transform else [("fused", () if scales is None else (scales, entry.bins))])
     rows = []
-    for mode, fused in (("symbols", None), ("fused", () if scales is None else (scales, entry.bins))):
-        runs = {"new": lambda fused=fused: _ext.decode(words, sizes, entry, symbols.shape, fused, 1)[:2]}
+    for mode, fused in modes:
+        runs = {"new": lambda fused=fused: _ext.decode(words, sizes, entry, symbols.shape, fused, 1, shift)[:2]}
         if _ext.has_simd_decode():  # the same build's portable lanes, for the vector path's speedup
             runs["portable"] = lambda fused=fused: _ext.decode(
-                words, sizes, entry, symbols.shape, fused, 1, simd=False
+                words, sizes, entry, symbols.shape, fused, 1, shift, simd=False
             )[:2]
-        if baseline is not None:
+        if baseline is not None and shift is None:  # _baseline_decode passes no token shifts
             runs["old"] = lambda fused=fused: _baseline_decode(baseline, words, sizes, entry, symbols.shape, fused)
         outputs = {name: fn() for name, fn in runs.items()}  # warm-up, and the outputs to compare
         assert all(status == 0 for _, status in outputs.values())
@@ -150,7 +159,7 @@ def _time_level(entry, kv, args, baseline) -> list[dict]:
         if "portable" in runs:
             row["portable_identical"] = bool(np.array_equal(outputs["portable"][0], outputs["new"][0]))
             row["simd_speedup"] = row["new_msym_s"] / row["portable_msym_s"]
-        if baseline is not None:
+        if "old" in runs:
             row["identical"] = bool(np.array_equal(outputs["old"][0], outputs["new"][0]))
             row["speedup"] = row["new_msym_s"] / row["old_msym_s"]
         rows.append(row)
@@ -176,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     for level in LEVELS:
         entry = tables.for_level(level.id)
         if level.name in wanted and entry is not None:
-            for row in _time_level(entry, kv, args, baseline):
+            for row in _time_level(entry, tables, kv, args, baseline):
                 rows.append({"level": level.name, **row})
                 log.info("codec speed %s", rows[-1])
     result = {"git_sha": git_sha(), "device": device_name(), "threads": 1, "data": source, "tokens": kv.shape[3],

@@ -53,8 +53,8 @@ def level_symbols(
 
 
 def ladder_table_map(samples: Sequence[torch.Tensor], transform: Transform, level: int, layout: KVLayout):
-    """(L, 2, H, D) ladder rows of the token-adaptive level: each coefficient's mean |value| over the samples
-    (sinks left out) against its step."""
+    """(L, 2, H, D) ladder rows of a transform level: each coefficient's mean |value| over the samples (sinks
+    left out) against its step."""
     coefs = torch.cat([coefficients(to_vectors(kv, transform.inv_freq, 0), transform)[:, :, transform.num_sinks :]
                        for kv in samples], 2)  # fmt: skip
     rows = token_classes.ladder_map(coefs.abs().mean(2).numpy(), transform.steps[level])
@@ -72,7 +72,10 @@ def _level_tables(
     bins = scheme.bins(layout.num_layers, sensitivity)
     if scheme.is_lossless:
         table_map, alphabet, allowed = lossless_map(layout), 256, None
-    elif scheme.token_adaptive:
+    elif scheme.is_transform:
+        # Every transform level shares tables by scale (token_classes' ladder), not one per coefficient. Measured
+        # on SmolLM2 at 2K tokens against one table per coefficient: +0.002 bits/value on pca3 and pca2, 23 MB
+        # less tables file, and 1.1x symbol decode speed (the 96 rows stay in cache). Level 8 needs the ladder.
         assert transform is not None
         table_map, alphabet = ladder_table_map(samples, transform, level, layout), 255
         allowed = np.full(token_classes.LADDER_TABLES, 255)
@@ -81,7 +84,7 @@ def _level_tables(
         table_map = np.arange(int(np.prod(shape)), dtype=np.uint32).reshape(shape)
         alphabet = int(bins.max()) - 1
         allowed = np.broadcast_to((bins.astype(np.int64) - 1)[:, :, None, None], shape).ravel()
-    num_tables = token_classes.LADDER_TABLES if scheme.token_adaptive else int(table_map.max()) + 1
+    num_tables = token_classes.LADDER_TABLES if scheme.is_transform else int(table_map.max()) + 1
     counts = np.zeros(num_tables * alphabet, np.float64)
     for kv in samples:
         symbols, shift = level_symbols(kv, level, None if scheme.is_lossless else bins, transform)

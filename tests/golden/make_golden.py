@@ -53,9 +53,9 @@ def build() -> dict[str, tuple[bytes, str]]:
     lossless = encode(kv, SMALL, MODEL, level=1, tables=tables)
     q32 = encode(kv, SMALL, MODEL, level=3, tables=tables)
     words_end = len(q32) - 4
-    pca_tables = calibrate([small_kv(64, 1), small_kv(64, 2)], SMALL, MODEL, transform=_tiny_transform())
+    pca_tables = _per_coefficient(calibrate(_samples(), SMALL, MODEL, transform=_tiny_transform()))
     pca2 = encode(kv, SMALL, MODEL, level=7, tables=pca_tables)  # token_start 0: tokens 0-3 escaped (sinks)
-    pca2t_tables = calibrate([small_kv(64, 1), small_kv(64, 2)], SMALL, MODEL, transform=_full_transform())
+    pca2t_tables = _per_coefficient(calibrate(_samples(), SMALL, MODEL, transform=_full_transform()))
     pca2t = encode(kv, SMALL, MODEL, level=8, tables=pca2t_tables)  # classes 4-10 occur; tokens 0-3 escaped
     return {
         "raw_tiny.bin": (raw, "ok"),
@@ -112,6 +112,36 @@ def _grown_section(frame: bytes, index: int) -> bytes:
     entry = 48 + data[15] + 16 * index
     struct.pack_into("<Q", data, entry + 8, section.size + 1)
     return reseal(data)
+
+
+def _samples() -> list[torch.Tensor]:
+    return [small_kv(64, 1), small_kv(64, 2)]
+
+
+def _per_coefficient(tables):
+    """``tables`` with levels 6-7 given one table per coefficient, as calibration made them when these files were
+    written (it now gives them level 8's ladder, FORMAT.md §8). Both are valid; the files keep the older map, so
+    decoders are held to any ``table_map``, not only the ladder."""
+    import dataclasses
+
+    import numpy as np
+
+    from cachegen.codec.calibrate import PSEUDO_COUNT, level_symbols
+    from cachegen.codec.coded import table_ids
+    from cachegen.codec.rans import Tables
+    from cachegen.codec.tables import freq_from_counts
+
+    def own_tables(entry):
+        table_map = np.arange(entry.table_map.size, dtype=np.uint32).reshape(entry.table_map.shape)
+        counts = np.zeros((table_map.size, 255), np.float64)
+        for kv in _samples():
+            symbols, _ = level_symbols(kv, entry.level, None, tables.transform)
+            ids = table_ids(table_map, None, symbols.shape)
+            counts += np.bincount((ids * 255 + symbols).ravel(), minlength=counts.size).reshape(counts.shape)
+        return dataclasses.replace(entry, table_map=table_map, tables=Tables(freq_from_counts(counts + PSEUDO_COUNT)))
+
+    levels = tuple(own_tables(entry) if entry.level in (6, 7) else entry for entry in tables.levels)
+    return dataclasses.replace(tables, levels=levels)
 
 
 def _full_transform():

@@ -109,11 +109,13 @@ def test_hostile_class_sections_are_rejected(tables) -> None:
     assert not torch.equal(back, decode(frame, LAYOUT, MODEL, tables=tables))
 
 
-def test_tables_carry_the_probe_and_a_ladder(tables) -> None:
+@pytest.mark.parametrize("level", [6, 7, PCA2T])
+def test_tables_carry_the_probe_and_a_ladder(tables, level: int) -> None:
+    """Every transform level shares the scale ladder (calibrate.py); only level 8 requires it (FORMAT.md §8)."""
     again = load_tables(tables.to_bytes())
     assert again.id == tables.id and again.transform.probe is not None
     assert np.array_equal(again.transform.probe.queries, tables.transform.probe.queries)
-    entry = again.for_level(PCA2T)
+    entry = again.for_level(level)
     assert entry.tables.freq.shape == (token_classes.LADDER_TABLES, 255)
     low, high = token_classes.MAP_RANGE
     assert low <= entry.table_map.min() and entry.table_map.max() <= high
