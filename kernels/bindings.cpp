@@ -168,9 +168,22 @@ PyObject* decode(PyObject*, PyObject* args) {
   return status_tuple(st, bad);
 }
 
+// vector_lanes(desc, table_map, freq, cum, slots, bounds) -> bool: whether decode takes this unshifted level's runs
+// of full blocks with the AVX-512 lanes on this CPU (cachegen::simd_decodes).
+PyObject* vector_lanes(PyObject*, PyObject* args) {
+  PyObject* desc;
+  Py_buffer map, freq, cum, slots, bounds;
+  if (!PyArg_ParseTuple(args, "Oy*y*y*y*y*", &desc, &map, &freq, &cum, &slots, &bounds)) return nullptr;
+  Buffers guard{{&map, &freq, &cum, &slots, &bounds}};
+  LevelDesc d;
+  if (!parse_desc(desc, &map, &freq, &cum, &d) || !attach_lookup(slots, bounds, &d)) return nullptr;
+  return PyBool_FromLong(cachegen::simd_decodes(d));
+}
+
 PyMethodDef methods[] = {
     {"encode_symbols", encode_symbols, METH_VARARGS, "rANS-encode a frame's symbols (FORMAT.md §5.3)."},
     {"decode", decode, METH_VARARGS, "rANS-decode a frame's streams, optionally fused with dequantization."},
+    {"vector_lanes", vector_lanes, METH_VARARGS, "Whether decode takes a level with the AVX-512 lanes here."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "cachegen.codec._cpu", "cachegen CPU codec core", -1, methods};

@@ -57,6 +57,16 @@ def has_simd_decode() -> bool:
     return _CPU is not None and bool(getattr(_CPU, "HAS_SIMD_DECODE", 0))
 
 
+def vector_lanes(entry: LevelTables, shape: tuple[int, ...]) -> bool:
+    """True when ``decode`` (unshifted, ``simd=True``) takes this level's runs of full stream blocks with the AVX-512
+    lanes on this CPU: rows of <= 62 symbols, or 255-symbol rows whose probability lies almost all within the
+    register window around the middle symbol (pca3, pca2; not q8, lossless or token-shifted levels)."""
+    if _CPU is None or not has_simd_decode() or not hasattr(_CPU, "vector_lanes"):
+        return False
+    args, table_map, freq, cum = _desc(entry, shape)
+    return bool(_CPU.vector_lanes(args, table_map, freq, cum, entry.slots, entry.bounds))
+
+
 def constants() -> dict[str, int]:
     """Numbers the extension was compiled with (kernels/include/cachegen/spec.h), for the parity test."""
     assert _CPU is not None, "CPU extension not built"

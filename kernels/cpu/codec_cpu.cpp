@@ -172,7 +172,7 @@ uint32_t decode_runs(const LevelDesc& d, const StreamPlan& p, const uint32_t* wo
                      const uint32_t* sizes, int num_threads, MakeSink& make_sink, Fail& fail) {
   const uint32_t runs = p.full_blocks / 8;
   const uint64_t items = uint64_t(p.groups) * runs;
-  if (!d.allow_simd || items == 0 || !simd_fits(d.tables, d.token_shift != nullptr) || !cpu_has_avx512()) return 0;
+  if (items == 0 || !simd_decodes(d)) return 0;
   const uint32_t batches = uint32_t((items + kChains - 1) / kChains);
   for_groups(batches, num_threads, [&](uint32_t batch) {
     uint64_t i = uint64_t(batch) * kChains;
@@ -243,6 +243,15 @@ void build_lookup(const TableSet& t, uint32_t num_tables, std::vector<uint8_t>* 
 bool has_simd_decode() {
 #if CACHEGEN_HAS_AVX512_PATH
   return cpu_has_avx512();  // for the levels simd_fits takes
+#else
+  return false;
+#endif
+}
+
+bool simd_decodes(const LevelDesc& d) {
+#if CACHEGEN_HAS_AVX512_PATH
+  const uint64_t map_size = uint64_t(d.layers) * 2 * d.heads * d.per_token;
+  return d.allow_simd && cpu_has_avx512() && simd_fits(d.tables, d.token_shift != nullptr, d.table_map, map_size);
 #else
   return false;
 #endif

@@ -25,6 +25,10 @@ struct LevelDesc {
 // Whether this CPU runs the AVX-512 decode path (and the build has it).
 bool has_simd_decode();
 
+// Whether the decoders take d's runs of full blocks with the AVX-512 lanes: this CPU has them, d.allow_simd, and
+// its rows suit them (lanes_avx512.h, simd_fits). Needs d.tables.slots and .bounds.
+bool simd_decodes(const LevelDesc& d);
+
 uint64_t num_streams(const LevelDesc& d);
 
 // The runtime lookup the decoders need (TableSet::slots and ::bounds) for num_tables rows of t: what
