@@ -9,7 +9,7 @@ setup(
     ext_modules=[
         Extension(
             "cachegen.codec._cpu",
-            sources=["kernels/bindings.cpp", "kernels/cpu/codec_cpu.cpp"],
+            sources=["kernels/bindings.cpp", "kernels/cpu/codec_cpu.cpp", "kernels/cpu/transform_cpu.cpp"],
             include_dirs=["kernels/include", "kernels"],
             extra_compile_args=["-O3", "-std=c++17", "-fno-fast-math", "-ffp-contract=off"],
             language="c++",

@@ -1,14 +1,17 @@
-"""`cachegen bench codec-speed`: one-core rANS decode Msym/s of the C++ extension per coded level, nothing else.
+"""`cachegen bench codec-speed`: one-core decode Msym/s of the C++ extension per coded level, nothing else.
 
 Tables come from `cachegen.codec.calibrate` on real SmolLM2 KV (calibrated on essay tails with measured
 sensitivity and the model's transform, timed on a pydoc chunk the tables never saw), cached under `--cache` so
 reruns skip the model; with `--synthetic`, or when the model cannot be prepared, seeded Laplacian-like KV instead,
-which has no transform-coded levels (the JSON says which). Per level and mode (int32 symbols, and for the
-quantized and lossless levels the fused 16-bit output the frame decoder uses; the transform levels' inverse
-transform runs in torch, so symbols only): the median of `--repeats` timed decodes on one thread. `--baseline PATH` loads an earlier build of the extension (a saved `_cpu*.so`) and
-times it in the same process, interleaved repeat by repeat with the current one, so machine noise hits both alike;
-its outputs must equal the current build's bit for bit. On a CPU with the AVX-512 decode path, the same build's
-portable lanes (`simd=False`) are timed the same way, for `simd_speedup`.
+which has no transform-coded levels (the JSON says which). Per level and mode, the median of `--repeats` timed
+calls on one thread:
+- "symbols": rANS decode to int32 symbols; "fused" (quantized and lossless levels): to the 16-bit output the frame
+  decoder writes. `--baseline PATH` loads an earlier build of the extension (a saved `_cpu*.so`) and times it in
+  the same process, interleaved repeat by repeat with the current one, so machine noise hits both alike; its
+  outputs must equal the current build's bit for bit. On a CPU with the AVX-512 decode path, the same build's
+  portable lanes (`simd=False`) are timed the same way, for `simd_speedup`.
+- "inverse" (transform levels): their step after the streams, symbols to bf16 KV, the extension's against
+  torch's (`torch_speedup`; the two agree within f32 rounding, `share_identical` says how many bit for bit).
 """
 
 from __future__ import annotations
@@ -146,16 +149,8 @@ def _time_level(entry, tables, kv, args, baseline) -> list[dict]:
             runs["old"] = lambda fused=fused: _baseline_decode(baseline, words, sizes, entry, symbols.shape, fused)
         outputs = {name: fn() for name, fn in runs.items()}  # warm-up, and the outputs to compare
         assert all(status == 0 for _, status in outputs.values())
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, fn in runs.items():  # interleaved: old and new see the same background load
-                began = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - began)
         row = {"mode": mode, "msym": symbols.size / 1e6, "bits_per_symbol": words.size * 32 / symbols.size}
-        for name, values in times.items():
-            row[f"{name}_msym_s"] = symbols.size / statistics.median(values) / 1e6
-            row[f"{name}_msym_s_best"] = symbols.size / min(values) / 1e6
+        row.update(_rates(runs, args.repeats, symbols.size))
         if "portable" in runs:
             row["portable_identical"] = bool(np.array_equal(outputs["portable"][0], outputs["new"][0]))
             row["simd_speedup"] = row["new_msym_s"] / row["portable_msym_s"]
@@ -163,7 +158,51 @@ def _time_level(entry, tables, kv, args, baseline) -> list[dict]:
             row["identical"] = bool(np.array_equal(outputs["old"][0], outputs["new"][0]))
             row["speedup"] = row["new_msym_s"] / row["old_msym_s"]
         rows.append(row)
+    if is_transform:
+        rows.append(_inverse_row(entry.level, tables.transform, kv, args.repeats))
     return rows
+
+
+def _rates(runs: dict, repeats: int, count: int) -> dict[str, float]:
+    """Median and best Msym/s of each run over ``repeats`` timed calls, interleaved: every run sees the same
+    background load."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            began = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - began)
+    rates = {f"{name}_msym_s": count / statistics.median(values) / 1e6 for name, values in times.items()}
+    return rates | {f"{name}_msym_s_best": count / min(values) / 1e6 for name, values in times.items()}
+
+
+def _inverse_row(level: int, transform, kv, repeats: int) -> dict:
+    """Mode "inverse": a transform level's step after the streams (symbols to bf16 KV, FORMAT.md §5.5), the
+    extension's one pass per token against torch's matrix product (what decode ran before), one thread each."""
+    import torch
+
+    from cachegen.codec import _ext
+    from cachegen.codec import transform as tx
+    from cachegen.codec.levels import SCHEME_BY_LEVEL
+    from cachegen.spec import KVLayout
+
+    symbols, _, classes = tx.quantize(kv, transform, level, 0, SCHEME_BY_LEVEL[level].token_adaptive)
+    layers, _, heads, tokens, dim = symbols.shape
+    layout = KVLayout(num_layers=layers, num_kv_heads=heads, head_dim=dim, dtype="bfloat16", tokens_per_chunk=tokens)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {
+            "new": lambda: _ext.inverse_transform(symbols, transform, level, 0, classes, True, 1),
+            "torch": lambda: tx.dequantize(symbols, transform, level, layout, 0, classes).to(torch.bfloat16),
+        }
+        new, old = (torch.from_numpy(runs["new"]()).view(torch.bfloat16).float(), runs["torch"]().float())
+        row = {"mode": "inverse", "msym": symbols.size / 1e6, **_rates(runs, repeats, symbols.size)}
+    finally:
+        torch.set_num_threads(threads)
+    row["share_identical"] = float((new == old).float().mean())  # the rest differ by f32 rounding of the sums
+    row["torch_speedup"] = row["new_msym_s"] / row["torch_msym_s"]
+    return row
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cpu/codec_cpu.h"
+#include "cpu/transform.h"
 
 namespace {
 
@@ -180,10 +181,49 @@ PyObject* vector_lanes(PyObject*, PyObject* args) {
   return PyBool_FromLong(cachegen::simd_decodes(d));
 }
 
+// inverse_transform((layers, heads, head_dim, num_tokens, token_start, is_bf16, threads), symbols, steps, mean,
+//                   decode_matrix, inv_freq, classes|None, out) -> None: cachegen::inverse_transform_cpu, every
+// buffer's size checked against the shape (float32 arrays, int32 symbols, uint8 classes < 16, 16-bit out).
+PyObject* inverse_transform(PyObject*, PyObject* args) {
+  unsigned int layers, heads, dim, tokens, start;
+  int is_bf16, threads;
+  PyObject* classes_obj;
+  Py_buffer sym, steps, mean, matrix, freq, out, classes{};
+  if (!PyArg_ParseTuple(args, "(IIIIIpi)y*y*y*y*y*Ow*", &layers, &heads, &dim, &tokens, &start, &is_bf16, &threads,
+                        &sym, &steps, &mean, &matrix, &freq, &classes_obj, &out))
+    return nullptr;
+  Buffers guard{{&sym, &steps, &mean, &matrix, &freq, &out}};
+  const uint64_t width = uint64_t(heads) * dim, groups = uint64_t(layers) * 2, values = groups * width * tokens;
+  if (!need(layers > 0 && heads > 0 && dim > 0 && dim % 2 == 0 && tokens > 0, "bad transform shape") ||
+      !need(uint64_t(sym.len) == values * 4 && uint64_t(out.len) == values * 2, "symbols/out size") ||
+      !need(uint64_t(steps.len) == groups * width * 4 && uint64_t(mean.len) == groups * width * 4, "steps/mean size") ||
+      !need(uint64_t(matrix.len) == groups * width * width * 4 && uint64_t(freq.len) == uint64_t(dim) * 2,
+            "decode_matrix/inv_freq size"))
+    return nullptr;
+  const uint8_t* cls = nullptr;
+  if (classes_obj != Py_None) {
+    if (PyObject_GetBuffer(classes_obj, &classes, PyBUF_SIMPLE) != 0) return nullptr;
+    guard.held.push_back(&classes);
+    cls = static_cast<const uint8_t*>(classes.buf);
+    if (!need(uint64_t(classes.len) == uint64_t(layers) * tokens, "classes size") ||
+        !need(max_byte(cls, classes.len) < cachegen::kNumClasses, "class out of range"))
+      return nullptr;
+  }
+  const cachegen::InverseTransform t{layers, heads, dim, tokens, start,
+                                     static_cast<const float*>(steps.buf), static_cast<const float*>(mean.buf),
+                                     static_cast<const float*>(matrix.buf), static_cast<const float*>(freq.buf),
+                                     cls, is_bf16 != 0};
+  Py_BEGIN_ALLOW_THREADS
+  cachegen::inverse_transform_cpu(t, static_cast<const int32_t*>(sym.buf), static_cast<uint16_t*>(out.buf), threads);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"encode_symbols", encode_symbols, METH_VARARGS, "rANS-encode a frame's symbols (FORMAT.md §5.3)."},
     {"decode", decode, METH_VARARGS, "rANS-decode a frame's streams, optionally fused with dequantization."},
     {"vector_lanes", vector_lanes, METH_VARARGS, "Whether decode takes a level with the AVX-512 lanes here."},
+    {"inverse_transform", inverse_transform, METH_VARARGS, "Levels 6-8: symbols to 16-bit KV (FORMAT.md §5.5)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "cachegen.codec._cpu", "cachegen CPU codec core", -1, methods};

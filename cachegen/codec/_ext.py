@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cachegen.codec.tables import LevelTables
+from cachegen.codec.transform import Transform
 
 
 def _load(name: str) -> ModuleType | None:
@@ -65,6 +66,29 @@ def vector_lanes(entry: LevelTables, shape: tuple[int, ...]) -> bool:
         return False
     args, table_map, freq, cum = _desc(entry, shape)
     return bool(_CPU.vector_lanes(args, table_map, freq, cum, entry.slots, entry.bounds))
+
+
+def has_inverse_transform() -> bool:
+    """True when the CPU extension has ``inverse_transform`` (an older build lacks it: the torch path serves)."""
+    return _CPU is not None and hasattr(_CPU, "inverse_transform")
+
+
+def inverse_transform(
+    symbols: np.ndarray, transform: Transform, level: int, token_start: int, classes: np.ndarray | None,
+    is_bf16: bool, num_threads: int = 1,
+) -> np.ndarray:  # fmt: skip
+    """16-bit KV bits (L, 2, H, T, D) of a level 6-8 frame's symbols (same shape, each < 255): what
+    ``transform.dequantize`` gives rounded to bf16 (``is_bf16``) or f16, equal within f32 rounding (FORMAT.md
+    §5.5); ``classes`` (L, T) on level 8. Escaped tokens are the caller's to overwrite."""
+    assert _CPU is not None
+    layers, _, heads, num_tokens, dim = symbols.shape
+    out = np.empty(symbols.shape, np.uint16)
+    floats = [np.ascontiguousarray(a, "<f4") for a in (transform.steps[level], transform.mean,
+                                                        transform.decode_matrix, transform.inv_freq)]  # fmt: skip
+    shape = (layers, heads, dim, num_tokens, token_start, is_bf16, num_threads)
+    cls = None if classes is None else np.ascontiguousarray(classes, np.uint8)
+    _CPU.inverse_transform(shape, np.ascontiguousarray(symbols, "<i4"), *floats, cls, out)
+    return out
 
 
 def constants() -> dict[str, int]:

@@ -30,7 +30,8 @@ def decode(
     (field, byte offset, value) for any corrupt, truncated or hostile frame, ``UnsupportedVersion`` for another
     format version and ``LayoutMismatch`` for another model, layout or tables. Nothing is allocated before the
     frame's sizes have been checked against its length and ``layout``. ``backend`` ("auto", "cpu",
-    "reference") affects runtime only: every backend yields the same values.
+    "reference") affects runtime only: every backend yields the same values (on the transform-coded levels,
+    within the f32 rounding of their sums of products, FORMAT.md §5.5).
     """
     view = memoryview(data).cast("B")
     frame = parse_frame(view)
@@ -61,7 +62,7 @@ def _decode_coded(
         classes = transform_frame.read_classes(view, frame, layout) if scheme.token_adaptive else None
         shift = None if classes is None else token_classes.SHIFTS[classes]
         symbols = _symbols(words, sizes, entry, header.num_tokens, use_ext, at, shift)
-        values = transform_frame.decode_values(symbols, tables, header.level, frame, view, layout, classes)
+        values = transform_frame.decode_values(symbols, tables, header.level, frame, view, layout, classes, use_ext)
         return output_tensor(layout, header.num_tokens, out).copy_(values)
     shape = (layout.num_layers, 2, layout.num_kv_heads, header.num_tokens, entry.table_map.shape[-1])
     is_16bit_out = layout.dtype == "bfloat16" or scheme.is_lossless  # what the fused kernels write
@@ -94,7 +95,8 @@ def _symbols(
         _raise_status(status, bad, at)
     else:
         symbols = coded.decode_symbols(sizes, words, entry, shape, shift)
-    coded.check_symbol_range(symbols, entry.bins, at)
+    if int(entry.bins.min()) - 1 < entry.tables.freq.shape[1]:  # else no symbol of the alphabet lies above
+        coded.check_symbol_range(symbols, entry.bins, at)
     return symbols
 
 

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import torch
 
-from cachegen.codec import token_classes, transform
+from cachegen.codec import _ext, token_classes, transform
 from cachegen.codec.bitstream import Frame, dtype_bytes
 from cachegen.codec.tensors import BITS_NUMPY, TORCH_DTYPES, kv_bits
 from cachegen.errors import FormatError
@@ -49,13 +49,20 @@ def read_classes(view: memoryview, frame: Frame, layout: KVLayout) -> np.ndarray
 
 def decode_values(
     symbols: np.ndarray, tables, level: int, frame: Frame, view: memoryview, layout: KVLayout,
-    classes: np.ndarray | None = None,
+    classes: np.ndarray | None = None, use_ext: bool = False,
 ):  # fmt: skip
-    """The frame's KV as a CPU tensor of the layout's dtype: dequantized coefficients, escaped tokens raw."""
+    """The frame's KV as a CPU tensor of the layout's dtype: dequantized coefficients, escaped tokens raw.
+    ``use_ext``: 16-bit layouts take the extension's inverse transform (equal to torch's within f32 rounding)."""
     header = frame.header
     indices, bits = read_escapes(view, frame, layout)
-    values = transform.dequantize(symbols, tables.transform, level, layout, header.token_start, classes)
-    out = values.to(TORCH_DTYPES[layout.dtype])
+    dtype = TORCH_DTYPES[layout.dtype]
+    if use_ext and layout.dtype != "float32" and _ext.has_inverse_transform():
+        is_bf16 = layout.dtype == "bfloat16"
+        args = (symbols, tables.transform, level, header.token_start, classes, is_bf16, torch.get_num_threads())
+        out = torch.from_numpy(_ext.inverse_transform(*args)).view(dtype)
+    else:
+        values = transform.dequantize(symbols, tables.transform, level, layout, header.token_start, classes)
+        out = values.to(dtype)
     if indices.size:
         raw = torch.from_numpy(bits.copy()).view(out.dtype)
         out[:, :, :, torch.from_numpy(indices)] = raw

@@ -1,12 +1,12 @@
 // Reference CPU implementation of the coded levels (FORMAT.md §5): the oracle the CUDA kernels must match.
 #include "codec_cpu.h"
 
+#include "for_groups.h"
 #include "lanes.h"
 #include "lanes_avx512.h"
 
 #include <algorithm>
 #include <atomic>
-#include <thread>
 #include <vector>
 
 namespace cachegen {
@@ -26,20 +26,6 @@ StreamPlan plan_of(const LevelDesc& d) {
   p.tail_tokens = d.num_tokens % kStreamTokens;
   p.per_group = p.full_blocks + (p.tail_tokens ? 1 : 0);
   return p;
-}
-
-// Runs work(group) for every group on up to num_threads threads; groups are equal work, so static split.
-template <class Work>
-void for_groups(uint32_t groups, int num_threads, Work work) {
-  const uint32_t n = std::max(1, std::min<int>(num_threads, static_cast<int>(groups)));
-  if (n == 1) {
-    for (uint32_t g = 0; g < groups; ++g) work(g);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (uint32_t i = 0; i < n; ++i)
-    pool.emplace_back([&, i] { for (uint32_t g = i; g < groups; g += n) work(g); });
-  for (auto& t : pool) t.join();
 }
 
 // Word offset of every stream; kBadSizes unless they add up to num_words exactly.

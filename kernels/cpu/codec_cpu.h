@@ -53,4 +53,20 @@ Status decode_values_cpu(const LevelDesc& d, const uint32_t* words, uint64_t num
                          const uint16_t* scales, const uint16_t* bins, uint16_t* out, int num_threads,
                          int64_t* bad_stream);
 
+// Levels 6-8's dequantization and inverse transform (FORMAT.md §5.5 steps 1-3, §5.6's multipliers) for one frame;
+// all arrays are the tables file's transform record (§8.1) for the frame's level, W = heads * head_dim.
+struct InverseTransform {
+  uint32_t layers, heads, head_dim, num_tokens, token_start;
+  const float* steps;          // (layers, 2, W) the level's
+  const float* mean;           // (layers, 2, W)
+  const float* decode_matrix;  // (layers, 2, W, W), row c the direction of coefficient c
+  const float* inv_freq;       // head_dim / 2
+  const uint8_t* classes;      // (layers, num_tokens) level 8's token classes (< 16); nullptr on levels 6-7
+  bool is_bf16;                // output bf16, else f16
+};
+
+// Symbols (layers, 2, heads, tokens, head_dim) int32 in [0, 255) -> 16-bit values of the same shape, keys rotated
+// back; escaped tokens are the caller's to overwrite. Equal to transform.dequantize within f32 rounding.
+void inverse_transform_cpu(const InverseTransform& t, const int32_t* symbols, uint16_t* out, int num_threads);
+
 }  // namespace cachegen
