@@ -61,9 +61,10 @@ def _decode_coded(
         assert tables is not None  # _tables_for found the level
         classes = transform_frame.read_classes(view, frame, layout) if scheme.token_adaptive else None
         shift = None if classes is None else token_classes.SHIFTS[classes]
+        target = output_tensor(layout, header.num_tokens, out)  # shape and dtype checked before the work
         symbols = _symbols(words, sizes, entry, header.num_tokens, use_ext, at, shift)
-        values = transform_frame.decode_values(symbols, tables, header.level, frame, view, layout, classes, use_ext)
-        return output_tensor(layout, header.num_tokens, out).copy_(values)
+        args = (symbols, tables, header.level, frame, view, layout, classes, use_ext, target.device)
+        return target.copy_(transform_frame.decode_values(*args))  # on a GPU target, its inverse transform there
     shape = (layout.num_layers, 2, layout.num_kv_heads, header.num_tokens, entry.table_map.shape[-1])
     is_16bit_out = layout.dtype == "bfloat16" or scheme.is_lossless  # what the fused kernels write
     fused = () if scales is None else (scales, entry.bins)

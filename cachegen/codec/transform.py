@@ -49,6 +49,8 @@ class Transform:
     """The token-adaptive level's encoder probe (token_classes.py); stored after the record (FORMAT.md §8.2)."""
     encode_matrix: np.ndarray = field(init=False, repr=False, compare=False)
     """Derived, not stored: the inverse of ``decode_matrix`` (f64 inversion). Encoders need not agree bit for bit."""
+    device_copies: dict = field(init=False, repr=False, compare=False, default_factory=dict)
+    """Memo of (mean, decode_matrix) on a GPU, keyed by device (``_on_device``): uploaded once per model."""
 
     def __post_init__(self) -> None:
         inverse = np.linalg.inv(self.decode_matrix.astype(np.float64)).astype(np.float32)
@@ -117,10 +119,11 @@ def to_vectors(kv: torch.Tensor, inv_freq: np.ndarray, token_start: int) -> torc
 
 
 def from_vectors(x: torch.Tensor, layout: KVLayout, inv_freq: np.ndarray, token_start: int) -> torch.Tensor:
-    """Inverse of ``to_vectors``: (L, 2, T, H*D) float32 -> (L, 2, H, T, D) float32, keys rotated back."""
+    """Inverse of ``to_vectors``: (L, 2, T, H*D) float32 -> (L, 2, H, T, D) float32 on x's device, keys rotated
+    back."""
     layers, _, tokens, _ = x.shape
     x = x.reshape(layers, 2, tokens, layout.num_kv_heads, layout.head_dim).permute(0, 1, 3, 2, 4)
-    cos, sin = rotary(inv_freq, token_start, tokens)
+    cos, sin = (a.to(x.device) for a in rotary(inv_freq, token_start, tokens))
     return torch.stack([_rotate(x[:, 0], cos, sin, 1.0), x[:, 1]], 1).contiguous()
 
 
@@ -174,19 +177,39 @@ def _fitting_class(coefs: torch.Tensor, step: torch.Tensor) -> np.ndarray:
 
 
 def dequantize(
-    symbols: np.ndarray, transform: Transform, level: int, layout: KVLayout, token_start: int,
-    classes: np.ndarray | None = None,
+    symbols: np.ndarray | torch.Tensor, transform: Transform, level: int, layout: KVLayout, token_start: int,
+    classes: np.ndarray | None = None, device: torch.device | str = "cpu",
 ):  # fmt: skip
     """float32 KV (L, 2, H, T, D) of symbols (L, 2, H, T, D): ``(s - 127) * step [* MULTIPLIERS[class]] @
-    decode_matrix + mean``, the class of (layer, token) from ``classes`` (L, T) on the token-adaptive level."""
-    q = torch.from_numpy(symbols.astype(np.float32) - MAX_COEFFICIENT)
+    decode_matrix + mean``, the class of (layer, token) from ``classes`` (L, T) on the token-adaptive level.
+
+    Runs on ``device`` (the symbols may already be there). On a GPU the product runs in float64: a TF32 setting
+    would otherwise make it coarser than the f32 FORMAT.md §5.5 asks for."""
+    device = torch.device(device)
+    q = torch.as_tensor(symbols).to(device, torch.float32) - MAX_COEFFICIENT
     layers, _, heads, tokens, dim = q.shape
     y = q.permute(0, 1, 3, 2, 4).reshape(layers, 2, tokens, heads * dim)
-    y = y * torch.from_numpy(transform.steps[level])[:, :, None]
+    y = y * torch.from_numpy(transform.steps[level]).to(device)[:, :, None]
     if classes is not None:
-        y = y * torch.from_numpy(MULTIPLIERS[classes])[:, None, :, None]
-    x = y @ torch.from_numpy(transform.decode_matrix) + torch.from_numpy(transform.mean)[:, :, None]
+        y = y * torch.from_numpy(MULTIPLIERS[classes]).to(device)[:, None, :, None]
+    mean, matrix = _on_device(transform, device)
+    if device.type == "cpu":
+        x = y @ matrix + mean[:, :, None]
+    else:
+        x = (y.double() @ matrix.double()).float() + mean[:, :, None]
     return from_vectors(x, layout, transform.inv_freq, token_start)
+
+
+def _on_device(transform: Transform, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, decode_matrix) as float32 tensors on ``device``: views on the CPU, uploaded once elsewhere."""
+    if device.type == "cpu":
+        return torch.from_numpy(transform.mean), torch.from_numpy(transform.decode_matrix)
+    key = str(device)
+    if key not in transform.device_copies:
+        transform.device_copies[key] = tuple(
+            torch.from_numpy(a).to(device) for a in (transform.mean, transform.decode_matrix)
+        )
+    return transform.device_copies[key]
 
 
 def error_bound(transform: Transform, level: int) -> np.ndarray:

@@ -49,21 +49,23 @@ def read_classes(view: memoryview, frame: Frame, layout: KVLayout) -> np.ndarray
 
 def decode_values(
     symbols: np.ndarray, tables, level: int, frame: Frame, view: memoryview, layout: KVLayout,
-    classes: np.ndarray | None = None, use_ext: bool = False,
+    classes: np.ndarray | None = None, use_ext: bool = False, device: torch.device | str = "cpu",
 ):  # fmt: skip
-    """The frame's KV as a CPU tensor of the layout's dtype: dequantized coefficients, escaped tokens raw.
-    ``use_ext``: 16-bit layouts take the extension's inverse transform (equal to torch's within f32 rounding)."""
+    """The frame's KV as a tensor of the layout's dtype on ``device``: dequantized coefficients, escaped tokens
+    raw. On a GPU the inverse transform runs there (torch); on the CPU, with ``use_ext``, 16-bit layouts take the
+    extension's (equal to torch's within f32 rounding)."""
     header = frame.header
     indices, bits = read_escapes(view, frame, layout)
-    dtype = TORCH_DTYPES[layout.dtype]
-    if use_ext and layout.dtype != "float32" and _ext.has_inverse_transform():
+    dtype, device = TORCH_DTYPES[layout.dtype], torch.device(device)
+    if device.type == "cpu" and use_ext and layout.dtype != "float32" and _ext.has_inverse_transform():
         is_bf16 = layout.dtype == "bfloat16"
         args = (symbols, tables.transform, level, header.token_start, classes, is_bf16, torch.get_num_threads())
         out = torch.from_numpy(_ext.inverse_transform(*args)).view(dtype)
-    else:
-        values = transform.dequantize(symbols, tables.transform, level, layout, header.token_start, classes)
+    else:  # symbols < 255: a GPU gets them as bytes, a quarter of the upload
+        coded = symbols if device.type == "cpu" else torch.from_numpy(symbols.astype(np.uint8))
+        values = transform.dequantize(coded, tables.transform, level, layout, header.token_start, classes, device)
         out = values.to(dtype)
     if indices.size:
-        raw = torch.from_numpy(bits.copy()).view(out.dtype)
-        out[:, :, :, torch.from_numpy(indices)] = raw
+        raw = torch.from_numpy(bits.copy()).view(out.dtype).to(device)
+        out[:, :, :, torch.from_numpy(indices).to(device)] = raw
     return out

@@ -54,3 +54,32 @@ def test_cuda_decode_rejects_corrupt_words(tables, level: int) -> None:
     gpu = torch.empty(layout.shape(64), dtype=torch.bfloat16, device="cuda")
     with pytest.raises(FormatError):
         decode(frame, layout, MODEL, out=gpu, tables=tables[64])
+
+
+@pytest.fixture(scope="module")
+def transform_tables():
+    """Tables with the transform-coded levels for the 64-dim layout (3 heads x 64 = 192, as SmolLM2)."""
+    from tests.unit.codec_fixtures import tiny_transform
+
+    layout = LAYOUTS[64]
+    samples = [make_kv(layout, 256, 4), make_kv(layout, 256, 5)]
+    return calibrate(samples, layout, MODEL, transform=tiny_transform(samples, layout))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("level", [6, 7, 8])
+@pytest.mark.parametrize("token_start", [0, 300])
+def test_transform_levels_decode_on_the_gpu(transform_tables, level: int, token_start: int) -> None:
+    """Levels 6-8 into a CUDA tensor: streams on the CPU, the inverse transform on the GPU (float64 product), equal
+    to the CPU decode within f32 rounding; escaped tokens (the sinks at 0) exact."""
+    from tests.unit.codec_fixtures import assert_within_sum_rounding
+
+    layout = LAYOUTS[64]
+    kv = make_kv(layout, 45, 6)
+    frame = encode(kv, layout, MODEL, level, token_start, tables=transform_tables)
+    cpu = decode(frame, layout, MODEL, tables=transform_tables)
+    gpu = torch.empty(layout.shape(45), dtype=torch.bfloat16, device="cuda")
+    decode(frame, layout, MODEL, out=gpu, tables=transform_tables)
+    assert_within_sum_rounding(gpu.cpu(), cpu)
+    if token_start == 0:
+        assert torch.equal(gpu.cpu()[:, :, :, :4], kv[:, :, :, :4])

@@ -115,3 +115,15 @@ def test_rejects_buffers_that_do_not_fit() -> None:
     short = Transform(tx.mean[:1], tx.decode_matrix[:1], tx.inv_freq, 4, {7: tx.steps[7][:1]})
     with pytest.raises(ValueError, match="size"):
         inverse(symbols, short, 7, 0, None, "bfloat16")
+
+
+def test_dequantize_takes_symbols_as_a_tensor() -> None:
+    """What a GPU decode passes (uint8 symbols as a tensor, FORMAT.md §5.5's arithmetic on the device): on the CPU
+    it must give the numpy path's values bit for bit."""
+    layers, heads, dim, tokens = 2, 3, 64, 20
+    tx = random_transform(heads, dim, layers, seed=8)
+    symbols = random_symbols(layers, heads, tokens, dim, seed=9)
+    layout = KVLayout(num_layers=layers, num_kv_heads=heads, head_dim=dim, dtype="bfloat16", tokens_per_chunk=32)
+    want = transform.dequantize(symbols, tx, 7, layout, 5)
+    got = transform.dequantize(torch.from_numpy(symbols.astype(np.uint8)), tx, 7, layout, 5, device="cpu")
+    assert torch.equal(got, want)
