@@ -11,7 +11,10 @@ import importlib
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "reuse": ("bench.reuse", "TTFT of full prefill vs KV loaded from the local store, per context length"),
     "codec": ("bench.codec", "size, fidelity and throughput per codec level"),
-    "codec-speed": ("bench.codec_speed", "one-core C++ rANS decode Msym/s per level on real KV, old build beside new"),
+    "codec-speed": (
+        "bench.codec_speed",
+        "one-core C++ decode Msym/s per level on real KV: rANS beside an old build, levels 6-8's inverse beside torch",
+    ),
     "codec-gpu": ("bench.codec_gpu", "CUDA decode speed per level on exported real KV, next to the CPU extension"),
     "store": ("bench.store", "KV store put/fetch throughput and lookup latency per backend"),
     "stream": ("bench.stream", "TTFT over a shaped link per fetch mode (each level, adaptive) and bandwidth"),

@@ -12,7 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.api_cli", "start the OpenAI-compatible inference server (vLLM + cached contexts)"),
     "serve-vllm": ("server.serve_cli", "vLLM's own OpenAI server with the cachegen connector (no contexts API)"),
     "store": ("server.kvstore.cli", "run the KV store service"),
-    "bench": ("bench.cli", "benchmarks: reuse, codec, store, stream, serve"),
+    "bench": ("bench.cli", "benchmarks: reuse, codec, codec-speed, codec-gpu, store, stream, serve, compare"),
     "calibrate": ("cachegen.codec.calibrate_cli", "compute per-model probability tables"),
 }
 
