@@ -10,7 +10,7 @@
 
 #include <vector>
 
-#define CG_AVX512_TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
+#define CG_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))  // what has_avx512 checks
 
 namespace cachegen {
 namespace {
@@ -66,20 +66,15 @@ __attribute__((always_inline)) inline void rotate_back(const float* __restrict u
   }
 }
 
-// n floats rounded to 16 bits as transform.h's round_to_16, branch-free for bf16 so that the loop vectorizes.
+// n floats rounded to 16 bits as transform.h's round_to_16, the NaN test a select for bf16 so that the loop
+// vectorizes.
 __attribute__((always_inline)) inline void round_all(const float* __restrict in, uint16_t* __restrict out, uint32_t n,
                                                      bool is_bf16) {
   if (!is_bf16) {
     for (uint32_t i = 0; i < n; ++i) out[i] = float_to_f16(in[i]);
     return;
   }
-  for (uint32_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    __builtin_memcpy(&bits, in + i, 4);
-    const bool is_nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-    const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-    out[i] = is_nan ? uint16_t(0x7FC0u) : rounded;
-  }
+  for (uint32_t i = 0; i < n; ++i) out[i] = in[i] != in[i] ? uint16_t(0x7FC0u) : float_to_bf16(in[i]);
 }
 
 // Group lk (layer, K|V) of every token: steps 1-3, rounded to 16 bits into out (L, 2, H, T, D). Each step is its
@@ -125,12 +120,14 @@ void group_portable(const InverseTransform& t, uint32_t lk, const int32_t* s, co
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 template <uint32_t kW>
-CG_AVX512_TARGET void group_avx512(const InverseTransform& t, uint32_t lk, const int32_t* s, const float* c,
+CG_AVX512 void group_avx512(const InverseTransform& t, uint32_t lk, const int32_t* s, const float* c,
                                    const float* n, uint16_t* out) {
   group_tokens<kW>(t, lk, s, c, n, out);
 }
 
-bool has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"); }
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
 #endif
 
 using GroupFn = void (*)(const InverseTransform&, uint32_t, const int32_t*, const float*, const float*, uint16_t*);
