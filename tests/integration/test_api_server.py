@@ -50,10 +50,14 @@ def test_second_request_reuses_and_other_tenant_does_not(api_node: ApiNode):
     first = alice.completions.create(model=api_node.model, prompt=prompt, max_tokens=16, temperature=0)
     second = alice.completions.create(model=api_node.model, prompt=prompt, max_tokens=16, temperature=0)
     other = bob.completions.create(model=api_node.model, prompt=prompt, max_tokens=16, temperature=0)
+    again = alice.completions.create(model=api_node.model, prompt=prompt, max_tokens=16, temperature=0)
     assert cached_tokens(first.usage) == 0
-    assert cached_tokens(second.usage) >= 1024
+    assert cached_tokens(second.usage) == cached_tokens(again.usage) >= 1024
     assert cached_tokens(other.usage) == 0
-    assert second.choices[0].text == first.choices[0].text == other.choices[0].text
+    # Texts are compared within one arithmetic: full prefills, and loads of the same chunks. A full prefill and a
+    # load round differently in bf16 and may flip a near-tie token (test_kv_reuse checks the two agree to rounding).
+    assert first.choices[0].text == other.choices[0].text
+    assert second.choices[0].text == again.choices[0].text
 
 
 def _chunks_in_store(api_store_dir: Path, api_node: ApiNode, context_id: str) -> int:

@@ -2,6 +2,11 @@
 
 Engine A and engine B are separate `vllm.entrypoints.openai.api_server` processes sharing only a disk store.
 Both run with vLLM's in-memory prefix cache off, so every cached token B reports came through the store.
+
+Greedy text is compared only between runs that compute the same way. A full prefill and "loaded prefix + suffix
+prefill" multiply matrices of different shapes, which round differently in bf16 (on AMX hosts more than elsewhere)
+and can flip a near-tie token. So B's text is compared with A loading the same stored chunks, and B's first
+next-token distribution with A's full prefill, to within rounding: KV injected wrongly moves it by nats.
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ CHUNK = 256
 QUESTION = "\n\nQuestion: In one sentence, what is the text above about?\nAnswer:"
 NO_LOAD = {"kv_transfer_params": {"cachegen": {"load": False}}}
 NO_LOAD_NO_SAVE = {"kv_transfer_params": {"cachegen": {"load": False, "save": False}}}
+NO_SAVE = {"kv_transfer_params": {"cachegen": {"save": False}}}
+TOP = {"logprobs": 5}
+ROUNDING_NATS = 0.5
+"""Largest first-token logprob change allowed between a full prefill and a load of its exact KV. The logits are
+bf16, whose step near 20 is 0.125 (measured on an AMX host: 0.15); wrongly injected KV changes the top-5 itself."""
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +79,31 @@ def _text(response: dict) -> tuple[str, int]:
     return response["choices"][0]["text"], details.get("cached_tokens") or 0
 
 
+def _assert_same_distribution(full: dict, loaded: dict) -> None:
+    """The first generated position's top-5 logprobs of two responses agree to within bf16 rounding."""
+    first_full = full["choices"][0]["logprobs"]["top_logprobs"][0]
+    first_loaded = loaded["choices"][0]["logprobs"]["top_logprobs"][0]
+    shared = first_full.keys() & first_loaded.keys()
+    assert len(shared) >= 3, (first_full, first_loaded)
+    drift = max(abs(first_full[token] - first_loaded[token]) for token in shared)
+    assert drift < ROUNDING_NATS, (first_full, first_loaded)
+
+
 def test_fresh_engine_reuses_every_stored_chunk(engines, corpus_ids, tokenizer, store_url, layout_and_id):
     engine_a, engine_b = engines
     prompt = corpus_ids[:2000] + _question_ids(tokenizer)
-    reference, cached_a = _text(engine_a.complete(prompt, **NO_LOAD))
-    assert cached_a == 0
+    full = engine_a.complete(prompt, **TOP, **NO_LOAD)
+    assert _text(full)[1] == 0
     num_chunks = (len(prompt) - 1) // CHUNK
     keys = chunk_keys(prompt, *layout_and_id, tenant="")[:num_chunks]
     _wait_stored(store_url, keys)
 
-    answer, cached_b = _text(engine_b.complete(prompt))
+    loaded = engine_b.complete(prompt, **TOP)
+    answer, cached_b = _text(loaded)
     assert cached_b == num_chunks * CHUNK
+    _assert_same_distribution(full, loaded)
+    reference, cached_a = _text(engine_a.complete(prompt, **NO_SAVE))  # A loads the same chunks: same arithmetic
+    assert cached_a == num_chunks * CHUNK
     assert answer == reference
     assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= 24  # a real 32-token continuation
 
@@ -92,10 +116,13 @@ def test_prompt_sharing_k_chunks_reuses_exactly_k(engines, corpus_ids, tokenizer
 
     shared = 3
     second = first[: shared * CHUNK] + corpus_ids[40000:41000] + _question_ids(tokenizer)
-    reference, _ = _text(engine_a.complete(second, **NO_LOAD_NO_SAVE))
-    answer, cached = _text(engine_b.complete(second))
-    assert cached == shared * CHUNK
+    full = engine_a.complete(second, **TOP, **NO_LOAD_NO_SAVE)
+    reference, cached_a = _text(engine_a.complete(second, **NO_SAVE))  # the shared chunks, loaded by A
+    loaded = engine_b.complete(second, **TOP)
+    answer, cached = _text(loaded)
+    assert cached == cached_a == shared * CHUNK
     assert answer == reference
+    _assert_same_distribution(full, loaded)
 
 
 def test_other_tenant_reuses_nothing(engines, corpus_ids, tokenizer, store_url, layout_and_id):
@@ -114,7 +141,7 @@ def test_other_tenant_reuses_nothing(engines, corpus_ids, tokenizer, store_url, 
 def _damage_and_ask(engines, prompt, layout_and_id, store_url, damage) -> None:
     """Store the prompt's chunks through A, damage chunk 2, ask B: the damage is caught and recomputed."""
     engine_a, engine_b = engines
-    reference, _ = _text(engine_a.complete(prompt, **NO_LOAD))
+    full = engine_a.complete(prompt, **TOP, **NO_LOAD)
     keys = chunk_keys(prompt, *layout_and_id, tenant="")[: (len(prompt) - 1) // CHUNK]
     _wait_stored(store_url, keys)
     store = open_store(store_url)
@@ -123,9 +150,13 @@ def _damage_and_ask(engines, prompt, layout_and_id, store_url, damage) -> None:
     with pytest.raises(FormatError):
         codec.decode(damaged, *layout_and_id)
 
+    # A meets the same damage first (chunks 0-1 loaded, the rest recomputed): the same arithmetic as B's below
+    reference, _ = _text(engine_a.complete(prompt, **NO_SAVE))
     log_before = engine_b.log_path.read_text()
-    answer, _ = _text(engine_b.complete(prompt))
+    loaded = engine_b.complete(prompt, **TOP)
+    answer, _ = _text(loaded)
     assert answer == reference
+    _assert_same_distribution(full, loaded)
     # vLLM fixes prompt_tokens_details when it schedules the request, before the load runs, so the
     # connector's own log is where the failed chunk shows: chunks 0-1 loaded, 2 on recomputed.
     new_log = engine_b.log_path.read_text()[len(log_before) :]
