@@ -7,7 +7,9 @@ exported context is tiled to `--tokens` (real values, repeated) so that whole-co
 Per level: bits_per_value; the public `decode` of one 256-token chunk frame into a CUDA tensor (host parsing, one
 upload, kernel, status check: what the connector pays per chunk) as median latency and GB/s of bf16 written; the
 same over every chunk of the context; the kernel alone on one whole-context frame (CUDA events); the CPU extension
-on one core and on all cores; and whether the GPU output equals the CPU output bit for bit.
+on one core and on all cores; and whether the GPU output equals the CPU output bit for bit. Transform-coded levels
+(6-8, when the tables have them) get their own rows (`_transform_row`): their values agree with the CPU's within
+f32 rounding, not bit for bit, so the rows report whether the symbols are equal and the largest value difference.
 """
 
 from __future__ import annotations
@@ -205,24 +207,85 @@ def _level_row(level, layout, model_id, tables, kv, args) -> dict:
     return row
 
 
+def _transform_row(level, layout, model_id, tables, kv, args) -> dict:
+    """Levels 6-8: the public decode of a chunk into a CUDA tensor (symbol kernel, then the inverse transform on
+    the GPU), every chunk of the context, the symbol kernel with its upload on one whole-context frame, and the CPU
+    decode on one core. Symbols must equal the CPU's; values agree within the f32 rounding of the sums (§5.5)."""
+    import numpy as np
+    import torch
+
+    from cachegen.codec import _ext, decode, encode, token_classes, transform_frame
+    from cachegen.codec.bitstream import parse_frame
+    from cachegen.codec.decode import _payload
+
+    step = layout.tokens_per_chunk
+    chunks = [kv[:, :, :, s : s + step].contiguous() for s in range(0, kv.shape[3], step)]
+    frames = [encode(chunk, layout, model_id, level.id, i * step, tables=tables) for i, chunk in enumerate(chunks)]
+    outs = [torch.empty(chunk.shape, dtype=torch.bfloat16, device="cuda") for chunk in chunks]
+    chunk_s = _median_s(lambda: decode(frames[0], layout, model_id, out=outs[0], tables=tables), args.repeats)
+
+    def whole_context() -> None:
+        for frame, out in zip(frames, outs):
+            decode(frame, layout, model_id, out=out, tables=tables)
+
+    context_s = _median_s(whole_context, max(3, args.repeats // 4))
+    cpu = torch.cat([decode(frame, layout, model_id, tables=tables) for frame in frames], dim=3)
+    gpu = torch.cat([out.cpu() for out in outs], dim=3)
+    big = encode(kv, layout, model_id, level.id, tables=tables)
+    view = memoryview(big).cast("B")
+    parsed = parse_frame(view)
+    entry = tables.for_level(level.id)
+    sizes, words, _ = _payload(view, parsed, layout, True)
+    classes = transform_frame.read_classes(view, parsed, layout) if level.id == 8 else None
+    shift = None if classes is None else token_classes.SHIFTS[classes]
+    shape = (layout.num_layers, 2, layout.num_kv_heads, parsed.header.num_tokens, entry.table_map.shape[-1])
+    symbols_s = _median_s(
+        lambda: _ext.decode_symbols_cuda(words, sizes, entry, shape, shift, torch.device("cuda")), args.repeats
+    )
+    gpu_symbols, status = _ext.decode_symbols_cuda(words, sizes, entry, shape, shift, torch.device("cuda"))
+    cpu_symbols, cpu_status, _ = _ext.decode(words, sizes, entry, shape, None, token_shift=shift)
+    torch.set_num_threads(1)
+    began = time.perf_counter()
+    decode(big, layout, model_id, tables=tables)
+    cpu_s = time.perf_counter() - began
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    values, out_bytes = kv.numel(), kv.numel() * 2
+    row = {
+        "level": level.name, "id": level.id, "bits_per_value": sum(map(len, frames)) * 8 / values,
+        "gpu_chunk_decode_ms": chunk_s * 1e3, "gpu_chunk_decode_gb_s": chunks[0].numel() * 2 / chunk_s / 1e9,
+        "gpu_context_decode_ms": context_s * 1e3, "gpu_context_decode_gb_s": out_bytes / context_s / 1e9,
+        "gpu_symbols_with_upload_ms": symbols_s * 1e3, "gpu_symbols_msym_s": values / symbols_s / 1e6,
+        "cpu_decode_msym_s_1core": values / cpu_s / 1e6,
+        "symbols_equal_cpu": bool(np.array_equal(gpu_symbols.cpu().numpy(), cpu_symbols)) and not status.any()
+        and cpu_status == 0,
+        "values_share_identical": float((gpu.view(torch.int16) == cpu.view(torch.int16)).float().mean()),
+        "values_max_abs_diff": float((gpu.float() - cpu.float()).abs().max()),
+    }  # fmt: skip
+    log.info("level %s: %s", level.name, row)
+    return row
+
+
 def run(args: argparse.Namespace) -> int:
     if args.export:
         return _export(args)
     import torch
 
     from cachegen.codec import has_cuda
+    from cachegen.codec._ext import has_cuda_symbols
     from cachegen.codec.levels import SCHEME_BY_LEVEL
     from cachegen.spec import LEVELS
 
     if not has_cuda():
         raise SystemExit("needs a CUDA device and the CUDA library (`make gpu-check` builds it)")
     layout, model_id, tables, kv = _load(args)
-    # Transform-coded levels (pca*) have no CUDA kernel yet: their frames decode on the CPU, then copy.
-    fused = {level.name for level in LEVELS if level.id >= 1 and not SCHEME_BY_LEVEL[level.id].is_transform}
-    wanted = set(args.levels.split(",")) & fused if args.levels else fused
-    rows = [_level_row(level, layout, model_id, tables, kv, args) for level in LEVELS if level.name in wanted]
+    coded = [level for level in LEVELS if level.id >= 1 and tables.for_level(level.id) is not None]
+    wanted = [level for level in coded if not args.levels or level.name in args.levels.split(",")]
+    rows = [_level_row(level, layout, model_id, tables, kv, args) for level in wanted
+            if not SCHEME_BY_LEVEL[level.id].is_transform]  # fmt: skip
+    pca_rows = [_transform_row(level, layout, model_id, tables, kv, args) for level in wanted
+                if SCHEME_BY_LEVEL[level.id].is_transform and has_cuda_symbols()]  # fmt: skip
     result = {"git_sha": git_sha(), "device": device_name(), "torch": torch.__version__, "tokens": args.tokens,
-              "kv_file": args.kv, "rows": rows, **_h2d_gb_s(4 << 20, args.repeats)}  # fmt: skip
+              "kv_file": args.kv, "rows": rows + pca_rows, **_h2d_gb_s(4 << 20, args.repeats)}  # fmt: skip
     header = f"{'level':10} {'b/v':>6} {'chunk ms':>9} {'kern ms':>8} {'chunk GB/s':>10} {'ctx GB/s':>9} {'kernel GB/s':>11} "
     print(header + f"{'cpu1 Msym/s':>11} {'cpuN Msym/s':>11} equal")
     for row in rows:
@@ -231,6 +294,14 @@ def run(args: argparse.Namespace) -> int:
               f"{row['gpu_chunk_decode_gb_s']:10.2f} {row['gpu_context_decode_gb_s']:9.2f} "
               f"{row['gpu_kernel_gb_s']:11.1f} {row['cpu_decode_msym_s_1core']:11.1f} {many:11.1f} "
               f"{row['gpu_equals_cpu']}")  # fmt: skip
+    if pca_rows:
+        print(f"{'level':10} {'b/v':>6} {'chunk ms':>9} {'chunk GB/s':>10} {'ctx GB/s':>9} {'sym Msym/s':>10} "
+              f"{'cpu1 Msym/s':>11} symbols-equal max-diff")  # fmt: skip
+    for row in pca_rows:
+        print(f"{row['level']:10} {row['bits_per_value']:6.2f} {row['gpu_chunk_decode_ms']:9.3f} "
+              f"{row['gpu_chunk_decode_gb_s']:10.2f} {row['gpu_context_decode_gb_s']:9.2f} "
+              f"{row['gpu_symbols_msym_s']:10.0f} {row['cpu_decode_msym_s_1core']:11.1f} "
+              f"{row['symbols_equal_cpu']} {row['values_max_abs_diff']:.3g}")  # fmt: skip
     print(json.dumps(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,11 @@ def has_cuda() -> bool:
     return _CUDA is not None and bool(_CUDA.cachegen_cuda_device_count()) and torch.cuda.is_available()
 
 
+def has_cuda_symbols() -> bool:
+    """True when the CUDA binding also decodes levels 6-8's streams (``decode_symbols_cuda``; a newer build)."""
+    return has_cuda() and hasattr(_CUDA, "cachegen_decode_symbols_cuda")
+
+
 def has_token_shift() -> bool:
     """True when the CPU extension takes ``token_shift`` in ``encode_symbols`` and ``decode`` (feature test)."""
     return _CPU is not None and bool(getattr(_CPU, "HAS_TOKEN_SHIFT", 0))
@@ -233,3 +238,37 @@ def decode_cuda(
     status = torch.zeros(sizes.size, dtype=torch.int32, device=out.device)
     launch_cuda(batch, out, status)
     return status.cpu().numpy()
+
+
+def decode_symbols_cuda(
+    words: np.ndarray, sizes: np.ndarray, entry: LevelTables, shape: tuple[int, ...],
+    token_shift: np.ndarray | None, device: torch.device,
+) -> tuple[torch.Tensor, np.ndarray]:  # fmt: skip
+    """GPU twin of ``decode(..., None, token_shift=...)`` for levels 6-8: (uint8 symbols (L, 2, H, T, P) on
+    ``device``, per-stream status codes). ``token_shift`` (L, T) moves each token's rows (FORMAT.md §5.6).
+    Synchronizes (for the statuses)."""
+    assert _CUDA is not None
+    layers, _, heads, num_tokens, per_token = shape
+    batch = upload_cuda(words, sizes, entry, shape, (), device)
+    table_map, cum, slots = batch.tables
+    small = [np.ascontiguousarray(entry.bins, "<u2").reshape(-1).view(np.uint8)]
+    if token_shift is not None:
+        small.append(np.ascontiguousarray(token_shift, np.int8).reshape(layers, num_tokens).view(np.uint8).ravel())
+    pieces = torch.split(torch.from_numpy(np.concatenate(small)).to(device), [a.size for a in small])
+    shift_t = pieces[1] if token_shift is not None else None
+    out = torch.empty(shape, dtype=torch.uint8, device=device)
+    status = torch.zeros(sizes.size, dtype=torch.int32, device=device)
+
+    def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+        return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+    error = _CUDA.cachegen_decode_symbols_cuda(
+        ctypes.c_uint32(layers), ctypes.c_uint32(heads), ctypes.c_uint32(num_tokens), ctypes.c_uint32(per_token),
+        ptr(table_map), ptr(cum), ptr(slots), ctypes.c_uint32(batch.alphabet),
+        ctypes.c_uint32(entry.tables.cum.shape[0]), ptr(batch.words), ptr(batch.offsets), ptr(batch.sizes),
+        ptr(pieces[0]), ptr(shift_t), ptr(out), ptr(status),
+        ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream),
+    )  # fmt: skip
+    if error:
+        raise RuntimeError(f"CUDA symbol decode launch failed with cudaError {error}")
+    return out, status.cpu().numpy()

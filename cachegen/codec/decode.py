@@ -62,7 +62,10 @@ def _decode_coded(
         classes = transform_frame.read_classes(view, frame, layout) if scheme.token_adaptive else None
         shift = None if classes is None else token_classes.SHIFTS[classes]
         target = output_tensor(layout, header.num_tokens, out)  # shape and dtype checked before the work
-        symbols = _symbols(words, sizes, entry, header.num_tokens, use_ext, at, shift)
+        if target.is_cuda and _ext.has_cuda_symbols():  # streams and inverse both on the GPU
+            symbols = _symbols_cuda(words, sizes, entry, header.num_tokens, at, shift, target.device)
+        else:
+            symbols = _symbols(words, sizes, entry, header.num_tokens, use_ext, at, shift)
         args = (symbols, tables, header.level, frame, view, layout, classes, use_ext, target.device)
         return target.copy_(transform_frame.decode_values(*args))  # on a GPU target, its inverse transform there
     shape = (layout.num_layers, 2, layout.num_kv_heads, header.num_tokens, entry.table_map.shape[-1])
@@ -98,6 +101,17 @@ def _symbols(
         symbols = coded.decode_symbols(sizes, words, entry, shape, shift)
     if int(entry.bins.min()) - 1 < entry.tables.freq.shape[1]:  # else no symbol of the alphabet lies above
         coded.check_symbol_range(symbols, entry.bins, at)
+    return symbols
+
+
+def _symbols_cuda(
+    words: np.ndarray, sizes: np.ndarray, entry: LevelTables, num_tokens: int, at: int, shift: np.ndarray | None,
+    device: torch.device,
+) -> torch.Tensor:  # fmt: skip
+    """``_symbols`` decoded by the CUDA kernel: uint8 (L, 2, H, T, P) on ``device``; the kernel checks the range."""
+    shape = entry.table_map.shape[:3] + (num_tokens, entry.table_map.shape[-1])
+    symbols, status = _ext.decode_symbols_cuda(words, sizes, entry, shape, shift, device)
+    _raise_for(status, at)
     return symbols
 
 

@@ -48,12 +48,13 @@ def read_classes(view: memoryview, frame: Frame, layout: KVLayout) -> np.ndarray
 
 
 def decode_values(
-    symbols: np.ndarray, tables, level: int, frame: Frame, view: memoryview, layout: KVLayout,
+    symbols: np.ndarray | torch.Tensor, tables, level: int, frame: Frame, view: memoryview, layout: KVLayout,
     classes: np.ndarray | None = None, use_ext: bool = False, device: torch.device | str = "cpu",
 ):  # fmt: skip
     """The frame's KV as a tensor of the layout's dtype on ``device``: dequantized coefficients, escaped tokens
-    raw. On a GPU the inverse transform runs there (torch); on the CPU, with ``use_ext``, 16-bit layouts take the
-    extension's (equal to torch's within f32 rounding)."""
+    raw. On a GPU the inverse transform runs there (torch), on symbols already there (a tensor, from the CUDA
+    kernel) or uploaded; on the CPU, with ``use_ext``, 16-bit layouts take the extension's (equal to torch's within
+    f32 rounding)."""
     header = frame.header
     indices, bits = read_escapes(view, frame, layout)
     dtype, device = TORCH_DTYPES[layout.dtype], torch.device(device)
@@ -62,7 +63,8 @@ def decode_values(
         args = (symbols, tables.transform, level, header.token_start, classes, is_bf16, torch.get_num_threads())
         out = torch.from_numpy(_ext.inverse_transform(*args)).view(dtype)
     else:  # symbols < 255: a GPU gets them as bytes, a quarter of the upload
-        coded = symbols if device.type == "cpu" else torch.from_numpy(symbols.astype(np.uint8))
+        on_host = device.type != "cpu" and not torch.is_tensor(symbols)
+        coded = torch.from_numpy(symbols.astype(np.uint8)) if on_host else symbols
         values = transform.dequantize(coded, tables.transform, level, layout, header.token_start, classes, device)
         out = values.to(dtype)
     if indices.size:

@@ -7,10 +7,13 @@
 
 #include "cachegen/codec.h"
 #include "codec_cuda.h"
+#include "symbols.h"
 
 namespace {
 
 using cachegen::kStreamTokens;
+using cachegen::CumRow;
+using cachegen::decode_one;
 using cachegen::kTotal;
 
 constexpr uint32_t kThreads = 128;  // streams per block; all of them copy the tables, the tail block decodes fewer
@@ -28,28 +31,6 @@ struct Args {
   uint16_t* out;
   int32_t* status;
 };
-
-// One column's table: the symbol guess per quantile >> 16 and the cumulative frequencies (cum[alphabet] = 2^24).
-struct Row {
-  const uint8_t* slots;
-  const uint32_t* cum;
-  uint32_t alphabet;
-};
-
-__device__ __forceinline__ uint32_t cum_at(const Row& r, uint32_t s) { return s < r.alphabet ? r.cum[s] : kTotal; }
-
-// Same symbol and state as cachegen::decode_step (the guess is the symbol of quantile & ~0xFFFF, so the true one
-// is it or a few above).
-__device__ __forceinline__ uint32_t decode_one(const Row& r, uint64_t* state, const uint32_t* words,
-                                               uint32_t* remaining) {
-  const uint32_t quantile = static_cast<uint32_t>(*state & (kTotal - 1));
-  uint32_t sym = r.slots[quantile >> 16];
-  uint32_t next = cum_at(r, sym + 1);
-  while (next <= quantile) next = cum_at(r, ++sym + 1);
-  const uint32_t low = r.cum[sym];
-  cachegen::advance(state, quantile, low, next - low, words, remaining);
-  return sym;
-}
 
 __device__ __forceinline__ uint32_t quant_value(uint32_t sym, uint32_t half, float step) {
   const float q = static_cast<float>(static_cast<int32_t>(sym) - static_cast<int32_t>(half));
@@ -75,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(Args a, int tables_in)
     for (uint32_t i = threadIdx.x; i < P * A; i += kThreads) s_cum[i] = a.cum[uint64_t(map[i / A]) * A + i % A];
     __syncthreads();
   }
-  auto row = [&](uint32_t c) -> Row {
+  auto row = [&](uint32_t c) -> CumRow {
     if (tables_in == kShared) return {s_slots + c * 256, s_cum + c * A, A};
     const uint64_t t = map[c];
     return {a.slots + t * 256, a.cum + t * A, A};
@@ -158,6 +139,22 @@ int choose_tables_in(uint32_t per_token, uint32_t alphabet, size_t limit) {
 #endif
 }
 
+
+// Levels 6-8: one thread per stream, as above; the tables stay in global memory (the 96-row ladder, 122 KB, lives in
+// L2 and L1), since level 8's rows change per token and staging every row per block would cost more than it saves.
+template <uint32_t kP>
+__global__ void __launch_bounds__(kThreads) symbols_kernel(cachegen::SymbolArgs a, int32_t* status) {
+  const uint32_t b = blockIdx.y * kThreads + threadIdx.x;
+  if (b >= a.blocks_per_group) return;
+  status[uint64_t(blockIdx.x) * a.blocks_per_group + b] = cachegen::decode_symbol_stream<kP>(a, blockIdx.x, b);
+}
+
+template <uint32_t kP>
+int launch_symbols(const cachegen::SymbolArgs& a, int32_t* status, dim3 grid, cudaStream_t stream) {
+  symbols_kernel<kP><<<grid, kThreads, 0, stream>>>(a, status);
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace
 
 extern "C" int cachegen_decode_values_cuda(uint32_t layers, uint32_t heads, uint32_t num_tokens, uint32_t per_token,
@@ -188,4 +185,23 @@ extern "C" int cachegen_decode_values_cuda(uint32_t layers, uint32_t heads, uint
 extern "C" int cachegen_cuda_device_count() {
   int n = 0;
   return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
+
+extern "C" int cachegen_decode_symbols_cuda(uint32_t layers, uint32_t heads, uint32_t num_tokens, uint32_t per_token,
+                                            const uint32_t* table_map, const uint32_t* cum, const uint8_t* slots,
+                                            uint32_t alphabet, uint32_t num_tables, const uint32_t* words,
+                                            const uint64_t* offsets, const uint32_t* sizes, const uint16_t* bins,
+                                            const int8_t* token_shift, uint8_t* out, int32_t* status,
+                                            void* cuda_stream) {
+  // one byte per symbol; the register path's 16-byte stores need 16-byte aligned tokens
+  if (num_tokens == 0 || alphabet > 256 || num_tables == 0 || (reinterpret_cast<uintptr_t>(out) & 15) != 0)
+    return int(cudaErrorInvalidValue);
+  const uint32_t blocks_per_group = (num_tokens + kStreamTokens - 1) / kStreamTokens;
+  const cachegen::SymbolArgs a{heads, num_tokens, per_token, alphabet, blocks_per_group, num_tables, table_map,
+                               cum, slots, words, offsets, sizes, bins, token_shift, out};
+  const dim3 grid(layers * 2 * heads, (blocks_per_group + kThreads - 1) / kThreads);
+  auto stream = static_cast<cudaStream_t>(cuda_stream);
+  if (per_token == 64) return launch_symbols<64>(a, status, grid, stream);
+  if (per_token == 128) return launch_symbols<128>(a, status, grid, stream);
+  return launch_symbols<0>(a, status, grid, stream);
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/frame.h"
+#include "cuda/symbols.h"
 
 namespace {
 
@@ -177,6 +178,57 @@ void check_token_classes() {
   check(!cachegen::unpack_token_classes(nibbles, 2, 1, 5, &classes), "TOKEN_CLASSES of the wrong size rejected");
 }
 
+// The CUDA symbol kernel's per-stream function (kernels/cuda/symbols.h), run here on the CPU over a golden level
+// 6-8 frame: the same symbols as decode_symbols_cpu, every stream kOk; with one word of the last stream flipped, a
+// failing status. `kP`: the kernel's register path (per_token known) or its generic one (0).
+template <uint32_t kP>
+bool symbol_kernel_on_host(const std::vector<uint8_t>& data, const cachegen::TablesFile& tables, bool corrupt) {
+  cachegen::FrameView f;
+  if (!cachegen::parse_frame(data.data(), data.size(), &f).empty()) return false;
+  const cachegen::LevelData* lv = nullptr;
+  for (const auto& l : tables.levels) lv = l.level == f.level ? &l : lv;
+  if (lv == nullptr || (kP != 0 && kP != lv->per_token)) return false;
+  const auto &sizes_sec = f.sections[f.sections.size() - 2], &words_sec = f.sections.back();
+  std::vector<uint32_t> sizes(sizes_sec.size / 4), words(words_sec.size / 4);
+  std::memcpy(sizes.data(), data.data() + sizes_sec.offset, sizes_sec.size);
+  std::memcpy(words.data(), data.data() + words_sec.offset, words_sec.size);
+  if (corrupt) words.back() ^= 0x40;  // the last stream's initial state
+  std::vector<uint64_t> offsets(sizes.size());
+  for (size_t i = 1; i < sizes.size(); ++i) offsets[i] = offsets[i - 1] + sizes[i - 1];
+  std::vector<uint8_t> classes;
+  std::vector<int8_t> shifts;
+  if (f.level == cachegen::kTokenAdaptiveLevel) {
+    const auto& sec = f.sections[2];
+    if (!cachegen::unpack_token_classes(data.data() + sec.offset, sec.size, f.layers, f.num_tokens, &classes))
+      return false;
+    for (uint8_t v : classes) shifts.push_back(cachegen::class_shift(v));
+  }
+  const int8_t* shift = shifts.empty() ? nullptr : shifts.data();
+  cachegen::TableSet set{lv->freq.data(), lv->cum.data(), lv->alphabet};
+  std::vector<uint8_t> slots;
+  std::vector<uint32_t> bounds;
+  cachegen::build_lookup(set, lv->num_tables, &slots, &bounds);
+  set.slots = slots.data(), set.bounds = bounds.data();
+  const cachegen::LevelDesc desc{f.layers, f.heads, f.num_tokens, lv->per_token, lv->table_map.data(), lv->num_tables,
+                                 set, shift};
+  const uint64_t count = uint64_t(f.layers) * 2 * f.heads * f.num_tokens * lv->per_token;
+  std::vector<int32_t> want(count);
+  int64_t bad = -1;
+  const auto cpu = cachegen::decode_symbols_cpu(desc, words.data(), words.size(), sizes.data(), want.data(), 1, &bad);
+  const uint32_t blocks = (f.num_tokens + cachegen::kStreamTokens - 1) / cachegen::kStreamTokens;
+  std::vector<uint8_t> got(count + 16);
+  const cachegen::SymbolArgs a{f.heads, f.num_tokens, lv->per_token, lv->alphabet, blocks, lv->num_tables,
+                               lv->table_map.data(), lv->cum.data(), slots.data(), words.data(), offsets.data(),
+                               sizes.data(), lv->bins.data(), shift, got.data()};
+  bool all_ok = true;
+  for (uint32_t g = 0; g < f.layers * 2 * f.heads; ++g)
+    for (uint32_t b = 0; b < blocks; ++b) all_ok &= cachegen::decode_symbol_stream<kP>(a, g, b) == cachegen::kOk;
+  if (corrupt) return !all_ok && cpu != cachegen::kOk;
+  bool same = cpu == cachegen::kOk;
+  for (uint64_t i = 0; i < count && same; ++i) same = got[i] == uint32_t(want[i]);
+  return all_ok && same;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -221,6 +273,13 @@ int main(int argc, char** argv) {
   check(cachegen::decode_frame(pca2t.data(), frame, &tables.pca, &out) == "tables",
         "pca2t_small.bin with tables lacking level 8 -> tables");
   check_bad_probes(pca2t_bytes, tables.pca2t);
+  for (bool corrupt : {false, true}) {
+    const std::string what = corrupt ? " catches a flipped word" : " equals decode_symbols_cpu";
+    check(symbol_kernel_on_host<0>(pca2, tables.pca, corrupt), "CUDA symbol stream code on the host, pca2" + what);
+    check(symbol_kernel_on_host<0>(pca2t, tables.pca2t, corrupt), "CUDA symbol stream code on the host, pca2t" + what);
+    check(symbol_kernel_on_host<16>(pca2t, tables.pca2t, corrupt),
+          "CUDA symbol stream code on the host, pca2t, register path" + what);
+  }
   check_token_classes();
   std::printf("%d failure(s)\n", failures);
   return failures ? 1 : 0;

@@ -41,16 +41,21 @@ def test_cuda_decode_matches_cpu_bytes(tables, dim: int, level: int, num_tokens:
     assert torch.equal(gpu.cpu().view(torch.int16), cpu.view(torch.int16))
 
 
+def _flip_last_word(frame: bytes) -> bytes:
+    """The frame with one bit of the last stream's initial state flipped and its CRCs made valid again."""
+    view = memoryview(frame).cast("B")
+    parsed = parse_frame(view)
+    sections = [(s.kind, bytearray(view[s.offset : s.offset + s.size])) for s in parsed.sections]
+    sections[-1][1][-1] ^= 0x40
+    return pack_frame(parsed.header, [(kind, bytes(payload)) for kind, payload in sections])
+
+
 @pytest.mark.parametrize("level", [1, 4])
 def test_cuda_decode_rejects_corrupt_words(tables, level: int) -> None:
     """A flipped bit in the last stream's initial state, behind a valid CRC: the kernel's final-state check fires."""
     layout = LAYOUTS[64]
     frame = encode(make_kv(layout, 64, 3), layout, MODEL, level, tables=tables[64])
-    view = memoryview(frame).cast("B")
-    parsed = parse_frame(view)
-    sections = [(s.kind, bytearray(view[s.offset : s.offset + s.size])) for s in parsed.sections]
-    sections[-1][1][-1] ^= 0x40
-    frame = pack_frame(parsed.header, [(kind, bytes(payload)) for kind, payload in sections])
+    frame = _flip_last_word(frame)
     gpu = torch.empty(layout.shape(64), dtype=torch.bfloat16, device="cuda")
     with pytest.raises(FormatError):
         decode(frame, layout, MODEL, out=gpu, tables=tables[64])
@@ -70,8 +75,8 @@ def transform_tables():
 @pytest.mark.parametrize("level", [6, 7, 8])
 @pytest.mark.parametrize("token_start", [0, 300])
 def test_transform_levels_decode_on_the_gpu(transform_tables, level: int, token_start: int) -> None:
-    """Levels 6-8 into a CUDA tensor: streams on the CPU, the inverse transform on the GPU (float64 product), equal
-    to the CPU decode within f32 rounding; escaped tokens (the sinks at 0) exact."""
+    """Levels 6-8 into a CUDA tensor: streams and the inverse transform (float64 product) on the GPU, equal to the
+    CPU decode within f32 rounding; escaped tokens (the sinks at 0) exact."""
     from tests.unit.codec_fixtures import assert_within_sum_rounding
 
     layout = LAYOUTS[64]
@@ -83,3 +88,29 @@ def test_transform_levels_decode_on_the_gpu(transform_tables, level: int, token_
     assert_within_sum_rounding(gpu.cpu(), cpu)
     if token_start == 0:
         assert torch.equal(gpu.cpu()[:, :, :, :4], kv[:, :, :, :4])
+
+
+@pytest.mark.skipif(not _ext.has_cuda_symbols(), reason="needs a CUDA device and a build with the symbol kernel")
+@pytest.mark.parametrize("level", [6, 7, 8])
+@pytest.mark.parametrize("num_tokens", [256, 45])
+def test_cuda_symbols_match_the_cpu_extension(transform_tables, level: int, num_tokens: int) -> None:
+    """The CUDA kernel's symbols of levels 6-8 (level 8 with its per-token table shifts) equal the CPU's exactly."""
+    from cachegen.codec.calibrate import level_symbols
+
+    entry = transform_tables.for_level(level)
+    symbols, shift = level_symbols(make_kv(LAYOUTS[64], num_tokens, 7), level, None, transform_tables.transform)
+    sizes, words = _ext.encode_symbols(symbols, entry, token_shift=shift)
+    gpu, status = _ext.decode_symbols_cuda(words, sizes, entry, symbols.shape, shift, torch.device("cuda"))
+    assert not status.any()
+    assert torch.equal(gpu.cpu().to(torch.int32), torch.from_numpy(symbols.astype("int32")))
+
+
+@pytest.mark.skipif(not _ext.has_cuda_symbols(), reason="needs a CUDA device and a build with the symbol kernel")
+def test_cuda_symbols_reject_corrupt_words(transform_tables) -> None:
+    """Level 8 with a flipped bit in the last stream's initial state, behind a valid CRC: a FormatError."""
+    layout = LAYOUTS[64]
+    frame = encode(make_kv(layout, 64, 8), layout, MODEL, 8, tables=transform_tables)
+    frame = _flip_last_word(frame)
+    gpu = torch.empty(layout.shape(64), dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(FormatError):
+        decode(frame, layout, MODEL, out=gpu, tables=transform_tables)
