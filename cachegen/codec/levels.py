@@ -93,7 +93,7 @@ SCHEMES: tuple[Scheme, ...] = (
     Scheme("default", (24, 24, 24), (12, 12), mean_bins=16),
     Scheme("small", (24, 24, 24), (8, 8), mean_bins=12),
     Scheme("pca3", target_bits=2.6, range_margin=1.2),
-    Scheme("pca2", target_bits=1.73, range_margin=0.8),
+    Scheme("pca2", target_bits=1.70, range_margin=0.8),
     Scheme("pca2t", target_bits=1.82, range_margin=0.8, token_adaptive=True),
 )
 SCHEME_BY_LEVEL: dict[int, Scheme] = {LEVEL_BY_NAME[s.name].id: s for s in SCHEMES}
