@@ -99,17 +99,22 @@ def _median_s(fn, repeats: int) -> float:
 
 
 def _streams(frame: bytes, layout, tables) -> tuple:
-    """A frame checked and split as ``decode`` does: (entry, sizes, words, fused, shape) for the ``_ext`` calls."""
+    """A frame checked and split as ``decode`` does: (entry, sizes, words, fused, shape, token shift) for the
+    ``_ext`` calls; the shift (L, T) only on the token-adaptive level, else None."""
+    from cachegen.codec import token_classes, transform_frame
     from cachegen.codec.bitstream import parse_frame
     from cachegen.codec.decode import _payload
     from cachegen.codec.levels import SCHEME_BY_LEVEL
 
     view = memoryview(frame).cast("B")
     parsed = parse_frame(view)
+    scheme = SCHEME_BY_LEVEL[parsed.header.level]
     entry = tables.for_level(parsed.header.level)
-    sizes, words, scales = _payload(view, parsed, layout, SCHEME_BY_LEVEL[parsed.header.level].is_lossless)
+    sizes, words, scales = _payload(view, parsed, layout, scheme.is_lossless or scheme.is_transform)
     shape = (layout.num_layers, 2, layout.num_kv_heads, parsed.header.num_tokens, entry.table_map.shape[-1])
-    return entry, sizes, words, () if scales is None else (scales, entry.bins), shape
+    classes = transform_frame.read_classes(view, parsed, layout) if scheme.token_adaptive else None
+    shift = None if classes is None else token_classes.SHIFTS[classes]
+    return entry, sizes, words, () if scales is None else (scales, entry.bins), shape, shift
 
 
 def _kernel_s(frame: bytes, layout, tables, repeats: int) -> tuple[float, object, object]:
@@ -118,7 +123,7 @@ def _kernel_s(frame: bytes, layout, tables, repeats: int) -> tuple[float, object
 
     from cachegen.codec import _ext
 
-    entry, sizes, words, fused, shape = _streams(frame, layout, tables)
+    entry, sizes, words, fused, shape, _ = _streams(frame, layout, tables)
     batch = _ext.upload_cuda(words, sizes, entry, shape, fused, "cuda")
     out = torch.empty(layout.shape(shape[3]), dtype=torch.int16, device="cuda")
     status = torch.zeros(sizes.size, dtype=torch.int32, device="cuda")
@@ -137,7 +142,7 @@ def _host_split(frame: bytes, layout, tables, repeats: int) -> tuple[float, floa
     """Median seconds of the host's share of one chunk decode: checking and parsing the frame, then the upload."""
     from cachegen.codec import _ext
 
-    entry, sizes, words, fused, shape = _streams(frame, layout, tables)
+    entry, sizes, words, fused, shape, _ = _streams(frame, layout, tables)
     return _median_s(lambda: _streams(frame, layout, tables), repeats), _median_s(
         lambda: _ext.upload_cuda(words, sizes, entry, shape, fused, "cuda"), repeats
     )
@@ -182,7 +187,7 @@ def _level_row(level, layout, model_id, tables, kv, args) -> dict:
     big_cpu = torch.cat(cpu, dim=3)
     identical &= bool(torch.equal(big_out.cpu(), big_cpu.view(torch.int16))) and not bool(status.any())
 
-    entry, sizes, words, fused, shape = _streams(big, layout, tables)
+    entry, sizes, words, fused, shape, _ = _streams(big, layout, tables)
     cores = len(os.sched_getaffinity(0))
     cpu_times = {}
     for threads in (1, cores):
@@ -214,9 +219,7 @@ def _transform_row(level, layout, model_id, tables, kv, args) -> dict:
     import numpy as np
     import torch
 
-    from cachegen.codec import _ext, decode, encode, token_classes, transform_frame
-    from cachegen.codec.bitstream import parse_frame
-    from cachegen.codec.decode import _payload
+    from cachegen.codec import _ext, decode, encode
 
     step = layout.tokens_per_chunk
     chunks = [kv[:, :, :, s : s + step].contiguous() for s in range(0, kv.shape[3], step)]
@@ -232,13 +235,7 @@ def _transform_row(level, layout, model_id, tables, kv, args) -> dict:
     cpu = torch.cat([decode(frame, layout, model_id, tables=tables) for frame in frames], dim=3)
     gpu = torch.cat([out.cpu() for out in outs], dim=3)
     big = encode(kv, layout, model_id, level.id, tables=tables)
-    view = memoryview(big).cast("B")
-    parsed = parse_frame(view)
-    entry = tables.for_level(level.id)
-    sizes, words, _ = _payload(view, parsed, layout, True)
-    classes = transform_frame.read_classes(view, parsed, layout) if level.id == 8 else None
-    shift = None if classes is None else token_classes.SHIFTS[classes]
-    shape = (layout.num_layers, 2, layout.num_kv_heads, parsed.header.num_tokens, entry.table_map.shape[-1])
+    entry, sizes, words, _, shape, shift = _streams(big, layout, tables)
     symbols_s = _median_s(
         lambda: _ext.decode_symbols_cuda(words, sizes, entry, shape, shift, torch.device("cuda")), args.repeats
     )

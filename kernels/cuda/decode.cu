@@ -139,7 +139,6 @@ int choose_tables_in(uint32_t per_token, uint32_t alphabet, size_t limit) {
 #endif
 }
 
-
 // Levels 6-8: one thread per stream, as above; the tables stay in global memory (the 96-row ladder, 122 KB, lives in
 // L2 and L1), since level 8's rows change per token and staging every row per block would cost more than it saves.
 template <uint32_t kP>
