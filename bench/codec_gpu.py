@@ -8,7 +8,7 @@ Per level: bits_per_value; the public `decode` of one 256-token chunk frame into
 upload, kernel, status check: what the connector pays per chunk) as median latency and GB/s of bf16 written; the
 same over every chunk of the context; the kernel alone on one whole-context frame (CUDA events); the CPU extension
 on one core and on all cores; and whether the GPU output equals the CPU output bit for bit. Transform-coded levels
-(6-8, when the tables have them) get their own rows (`_transform_row`): their values agree with the CPU's within
+(6-9, when the tables have them) get their own rows (`_transform_row`): their values agree with the CPU's within
 f32 rounding, not bit for bit, so the rows report whether the symbols are equal and the largest value difference.
 """
 
@@ -213,7 +213,7 @@ def _level_row(level, layout, model_id, tables, kv, args) -> dict:
 
 
 def _transform_row(level, layout, model_id, tables, kv, args) -> dict:
-    """Levels 6-8: the public decode of a chunk into a CUDA tensor (symbol kernel, then the inverse transform on
+    """Levels 6-9: the public decode of a chunk into a CUDA tensor (symbol kernel, then the inverse transform on
     the GPU), every chunk of the context, the symbol kernel with its upload on one whole-context frame, and the CPU
     decode on one core. Symbols must equal the CPU's; values agree within the f32 rounding of the sums (§5.5)."""
     import numpy as np

@@ -158,7 +158,9 @@ def _time_level(entry, tables, kv, args, baseline) -> list[dict]:
             row["identical"] = bool(np.array_equal(outputs["old"][0], outputs["new"][0]))
             row["speedup"] = row["new_msym_s"] / row["old_msym_s"]
         rows.append(row)
-    if is_transform:
+    if is_transform and entry.level in tables.transform.cross_layer:
+        rows.append(_chain_row(entry.level, tables.transform, kv, args.repeats))
+    elif is_transform:
         rows.append(_inverse_row(entry.level, tables.transform, kv, args.repeats))
     return rows
 
@@ -203,6 +205,26 @@ def _inverse_row(level: int, transform, kv, repeats: int) -> dict:
     row["share_identical"] = float((new == old).float().mean())  # the rest differ by f32 rounding of the sums
     row["torch_speedup"] = row["new_msym_s"] / row["torch_msym_s"]
     return row
+
+
+def _chain_row(level: int, transform, kv, repeats: int) -> dict:
+    """Mode "inverse" of the cross-layer level: symbols to bf16 KV with the prediction down the layers (FORMAT.md
+    §5.7), torch's matrix products on one thread (the extension has no such pass)."""
+    import torch
+
+    from cachegen.codec import cross_layer
+    from cachegen.spec import KVLayout
+
+    symbols, _ = cross_layer.quantize(kv, transform, level, 0)
+    layers, _, heads, tokens, dim = symbols.shape
+    layout = KVLayout(num_layers=layers, num_kv_heads=heads, head_dim=dim, dtype="bfloat16", tokens_per_chunk=tokens)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {"torch": lambda: cross_layer.dequantize(symbols, transform, level, layout, 0).to(torch.bfloat16)}
+        return {"mode": "inverse", "msym": symbols.size / 1e6, **_rates(runs, repeats, symbols.size)}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> int:

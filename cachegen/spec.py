@@ -77,10 +77,12 @@ LEVELS: tuple[Level, ...] = (
     Level(6, "pca3", False),
     Level(7, "pca2", False),
     Level(8, "pca2t", False),
+    Level(9, "pca2x", False),
 )
 """Level 0 stores the engine's KV values as they are (bf16 for SmolLM2); coded levels follow. Levels 1-5 are
-rANS-coded with per-model tables (``cachegen calibrate``), 6-8 transform-coded with a per-model transform
-(calibrated with the model; 8 also gives each token a step class); FORMAT.md §5 defines each."""
+rANS-coded with per-model tables (``cachegen calibrate``), 6-9 transform-coded with a per-model transform
+(calibrated with the model; 8 also gives each token a step class, 9 predicts each layer from the one before);
+FORMAT.md §5 defines each."""
 
 LOSSY_ORDER: tuple[str, ...] = ("q8", "pca3", "q32", "pca2", "pca2t", "default", "small")
 """Lossy levels from most to least faithful, by measured fidelity (README's codec table), not by id."""

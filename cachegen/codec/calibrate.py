@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cachegen.codec import quant, token_classes
+from cachegen.codec import cross_layer, quant, token_classes
 from cachegen.codec.coded import table_ids
 from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.codec.rans import Tables
@@ -46,6 +46,8 @@ def level_symbols(
     """Symbols (L, 2, H, T, P) of ``kv`` at ``level`` as its frames code them (context position 0), and the
     token-adaptive level's (L, T) table shifts (None on other levels)."""
     scheme = SCHEME_BY_LEVEL[level]
+    if transform is not None and scheme.cross_layer:
+        return cross_layer.quantize(kv, transform, level, 0)[0], None
     if transform is not None and scheme.is_transform:
         symbols, _, classes = quantize(kv, transform, level, 0, scheme.token_adaptive)
         return symbols, None if classes is None else token_classes.SHIFTS[classes]
@@ -55,6 +57,12 @@ def level_symbols(
 def ladder_table_map(samples: Sequence[torch.Tensor], transform: Transform, level: int, layout: KVLayout):
     """(L, 2, H, D) ladder rows of a transform level: each coefficient's mean |value| over the samples (sinks
     left out) against its step."""
+    if level in transform.cross_layer:  # its coefficients come out of the closed loop, already over their steps
+        record = transform.cross_layer[level]
+        ratios = [cross_layer.code_vectors(to_vectors(kv, transform.inv_freq, 0), record)[0] for kv in samples]
+        mean_ratio = torch.cat([r[:, :, transform.num_sinks :] for r in ratios], 2).abs().mean(2).numpy()
+        rows = token_classes.ladder_map(mean_ratio, np.ones_like(record.steps))
+        return rows.reshape(layout.num_layers, 2, layout.num_kv_heads, layout.head_dim)
     coefs = torch.cat([coefficients(to_vectors(kv, transform.inv_freq, 0), transform)[:, :, transform.num_sinks :]
                        for kv in samples], 2)  # fmt: skip
     rows = token_classes.ladder_map(coefs.abs().mean(2).numpy(), transform.steps[level])
@@ -115,10 +123,10 @@ def calibrate(
     for kv in samples:
         check_kv(kv, layout, "sample")
     # 16-bit dtypes only for the lossless level: its symbols are the two bytes of each value.
-    steps = transform.steps if transform is not None else {}
     wanted = [
         level for level, scheme in sorted(SCHEME_BY_LEVEL.items())
-        if (not scheme.is_lossless or layout.dtype != "float32") and (not scheme.is_transform or level in steps)
+        if (not scheme.is_lossless or layout.dtype != "float32")
+        and (not scheme.is_transform or (transform is not None and transform.has_level(level)))
         and (not scheme.token_adaptive or transform.probe is not None)
     ]  # fmt: skip
     levels = tuple(_level_tables(samples, level, layout, sensitivity, transform) for level in wanted)

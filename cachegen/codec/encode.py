@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cachegen.codec import _ext, coded, token_classes, transform
+from cachegen.codec import _ext, coded, cross_layer, token_classes, transform
 from cachegen.codec.bitstream import MAX_FRAME_TOKENS, MAX_MODEL_ID_BYTES, FrameHeader, pack_frame
 from cachegen.codec.calibrate import symbols_of
 from cachegen.codec.levels import SCHEME_BY_LEVEL
@@ -79,9 +79,12 @@ def _coded_sections(
         assert tables.transform is not None  # for_level() offers transform levels only with a transform
         if scheme.token_adaptive and tables.transform.probe is None:
             raise InvalidRequest(f"tables {tables.id.hex()} have no probe: level {entry.level} cannot be encoded")
-        symbols, escaped, classes = transform.quantize(
-            kv, tables.transform, entry.level, token_start, scheme.token_adaptive
-        )
+        if scheme.cross_layer:
+            symbols, escaped, classes = (*cross_layer.quantize(kv, tables.transform, entry.level, token_start), None)
+        else:
+            symbols, escaped, classes = transform.quantize(
+                kv, tables.transform, entry.level, token_start, scheme.token_adaptive
+            )
         sections.append((coded.SECTION_ESCAPES, escapes_payload(kv, escaped)))
         if classes is not None:
             sections.append((coded.SECTION_TOKEN_CLASSES, token_classes.pack(classes)))

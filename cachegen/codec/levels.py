@@ -61,6 +61,9 @@ class Scheme:
     token_adaptive: bool = False
     """Transform levels: each (layer, token) gets a step class by the attention it is likely to receive, and the
     level's tables are a scale ladder (FORMAT.md §5.6, cachegen/codec/token_classes.py)."""
+    cross_layer: bool = False
+    """Transform levels: each layer's vectors are predicted from the previous layer's decoded ones and only the
+    remainder is coded, in a basis and with steps of the level's own (FORMAT.md §5.7, codec/cross_layer.py)."""
 
     @property
     def is_transform(self) -> bool:
@@ -95,5 +98,6 @@ SCHEMES: tuple[Scheme, ...] = (
     Scheme("pca3", target_bits=2.6, range_margin=1.2),
     Scheme("pca2", target_bits=1.70, range_margin=0.8),
     Scheme("pca2t", target_bits=1.82, range_margin=0.8, token_adaptive=True),
+    Scheme("pca2x", target_bits=1.85, range_margin=1.2, cross_layer=True),
 )
 SCHEME_BY_LEVEL: dict[int, Scheme] = {LEVEL_BY_NAME[s.name].id: s for s in SCHEMES}

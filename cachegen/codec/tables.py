@@ -19,7 +19,7 @@ from cachegen.codec import token_classes
 from cachegen.codec.bitstream import DTYPE_CODES, DTYPE_NAMES, crc32
 from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.codec.rans import TOTAL, Tables
-from cachegen.codec.transform import Transform, read_transform
+from cachegen.codec.transform import CROSS_LAYER_MAGIC, Transform, read_cross_layer, read_transform
 from cachegen.errors import FormatError
 from cachegen.spec import KVLayout
 
@@ -83,7 +83,7 @@ class CodecTables:
         """The level's tables; None when absent, or a transform level without its steps in ``transform``."""
         entry = next((entry for entry in self.levels if entry.level == level), None)
         if entry is not None and SCHEME_BY_LEVEL[level].is_transform:
-            return entry if self.transform is not None and level in self.transform.steps else None
+            return entry if self.transform is not None and self.transform.has_level(level) else None
         return entry
 
     def to_bytes(self) -> bytes:
@@ -123,6 +123,9 @@ class _Reader:
         self.at += size
         return chunk
 
+    def peek(self, size: int) -> bytes:
+        return self.data[self.at : self.at + size]
+
     def array(self, count: int, dtype: str, field: str) -> np.ndarray:
         return np.frombuffer(self.take(count * np.dtype(dtype).itemsize, field), dtype).astype(np.dtype(dtype[1:]))
 
@@ -140,8 +143,11 @@ def load_tables(data: bytes) -> CodecTables:
     (num_levels,) = struct.unpack("<H", reader.take(2, "num_levels"))
     levels = tuple(_read_level(reader, layout) for _ in range(num_levels))
     transform = read_transform(reader.take, layout) if reader.at < len(reader.data) else None
-    if transform is not None and reader.at < len(reader.data):  # the encoder's probe (FORMAT.md §8.2)
+    # then the optional probe and cross-layer records, in that order (FORMAT.md §8.2, §8.3)
+    if transform is not None and reader.at < len(reader.data) and reader.peek(4) != CROSS_LAYER_MAGIC:
         transform = dataclasses.replace(transform, probe=token_classes.read_probe(reader.take, layout))
+    if transform is not None and reader.at < len(reader.data):
+        transform = dataclasses.replace(transform, cross_layer=read_cross_layer(reader.take, layout))
     if reader.at != len(reader.data):
         raise FormatError("tables_size", reader.at, len(data), "trailing bytes")
     return CodecTables(layout, model_id, levels, transform)
@@ -159,7 +165,7 @@ def _read_level(reader: _Reader, layout: KVLayout) -> LevelTables:
     freq = reader.array(num_tables * alphabet, "<u4", "freq").reshape(num_tables, alphabet)
     if SCHEME_BY_LEVEL[level].is_transform and (alphabet != 255 or per_token != layout.head_dim or np.any(bins != 256)):
         raise FormatError(
-            "level_shape", reader.at, (level, alphabet, per_token), "levels 6-8 need A 255, P D, bins 256"
+            "level_shape", reader.at, (level, alphabet, per_token), "levels 6-9 need A 255, P D, bins 256"
         )
     low, high = token_classes.MAP_RANGE
     if SCHEME_BY_LEVEL[level].token_adaptive and (

@@ -8,7 +8,8 @@ metric that weighs each direction by what an error there costs attention), so mo
 Tokens that the steps cannot hold (a coefficient beyond ``MAX_COEFFICIENT`` steps) and the first
 ``num_sinks`` positions of a context (attention sinks, far outside the calibrated distribution) travel raw.
 Correctness never depends on the transform fitting the model: any invertible matrix decodes to within the
-bound of ``error_bound``; a good one only makes the frame smaller.
+bound of ``error_bound``; a good one only makes the frame smaller. The cross-layer level's record (``CrossLayer``,
+FORMAT.md §8.3) lives here too; its coding is ``cachegen.codec.cross_layer``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,32 @@ MAX_COEFFICIENT = 127
 TRANSFORM_BINS = 2 * MAX_COEFFICIENT + 2
 _HEAD = struct.Struct("<4sHHI")  # magic, num_levels, reserved, num_sinks
 TRANSFORM_MAGIC = b"CGTX"
+_CROSS_HEAD = struct.Struct("<4sHH")  # magic, num_levels, reserved
+CROSS_LAYER_MAGIC = b"CGXL"
+
+
+@dataclass(slots=True, frozen=True)
+class CrossLayer:
+    """One cross-layer predicted level (FORMAT.md §5.7, §8.3): its own ``steps`` and ``mean`` (L, 2, W),
+    ``decode_matrix`` (L, 2, W, W) (row c: the direction of coefficient c) and ``predict_matrix`` (L - 1, 2, 2W, W):
+    entry [l - 1][kv][j][i] weighs feature j of layer l's prediction, layer l - 1's decoded keys (j < W) then
+    values, into channel i. All float32."""
+
+    steps: np.ndarray
+    mean: np.ndarray
+    decode_matrix: np.ndarray
+    predict_matrix: np.ndarray
+    encode_matrix: np.ndarray = field(init=False, repr=False, compare=False)
+    """Derived, not stored: the inverse of ``decode_matrix`` (f64 inversion)."""
+    device_copies: dict = field(init=False, repr=False, compare=False, default_factory=dict)
+    """Memo of (mean, decode_matrix, predict_matrix) on a GPU, keyed by device: uploaded once per model."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encode_matrix", _inverse(self.decode_matrix))
+
+    def to_bytes(self) -> bytes:
+        arrays = (self.steps, self.mean, self.decode_matrix, self.predict_matrix)
+        return b"".join(a.astype("<f4").tobytes() for a in arrays)
 
 
 @dataclass(slots=True, frozen=True)
@@ -47,14 +74,16 @@ class Transform:
     steps: dict[int, np.ndarray]
     probe: Probe | None = None
     """The token-adaptive level's encoder probe (token_classes.py); stored after the record (FORMAT.md §8.2)."""
+    cross_layer: dict[int, CrossLayer] = field(default_factory=dict)
+    """Level id -> the cross-layer level's own record, stored after the probe (FORMAT.md §8.3); its steps are there,
+    not in ``steps``."""
     encode_matrix: np.ndarray = field(init=False, repr=False, compare=False)
     """Derived, not stored: the inverse of ``decode_matrix`` (f64 inversion). Encoders need not agree bit for bit."""
     device_copies: dict = field(init=False, repr=False, compare=False, default_factory=dict)
     """Memo of (mean, decode_matrix) on a GPU, keyed by device (``_on_device``): uploaded once per model."""
 
     def __post_init__(self) -> None:
-        inverse = np.linalg.inv(self.decode_matrix.astype(np.float64)).astype(np.float32)
-        object.__setattr__(self, "encode_matrix", inverse)
+        object.__setattr__(self, "encode_matrix", _inverse(self.decode_matrix))
 
     def to_bytes(self) -> bytes:
         parts = [_HEAD.pack(TRANSFORM_MAGIC, len(self.steps), 0, self.num_sinks)]
@@ -63,7 +92,25 @@ class Transform:
         parts += [a.astype("<f4").tobytes() for a in (self.inv_freq, self.mean, self.decode_matrix)]
         if self.probe is not None:
             parts.append(self.probe.to_bytes())
+        if self.cross_layer:
+            parts.append(_CROSS_HEAD.pack(CROSS_LAYER_MAGIC, len(self.cross_layer), 0))
+            for level in sorted(self.cross_layer):
+                parts += [struct.pack("<B", level), self.cross_layer[level].to_bytes()]
         return b"".join(parts)
+
+    def has_level(self, level: int) -> bool:
+        return level in self.steps or level in self.cross_layer
+
+    def basis(self, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """(steps (L, 2, W), decode matrix (L, 2, W, W)) that code ``level``'s coefficients."""
+        if level in self.cross_layer:
+            return self.cross_layer[level].steps, self.cross_layer[level].decode_matrix
+        return self.steps[level], self.decode_matrix
+
+
+def _inverse(matrix: np.ndarray) -> np.ndarray:
+    """float32 inverse of each decode matrix, inverted in float64 (encoders need not agree bit for bit)."""
+    return np.linalg.inv(matrix.astype(np.float64)).astype(np.float32)
 
 
 def read_transform(take, layout: KVLayout) -> Transform:
@@ -74,25 +121,52 @@ def read_transform(take, layout: KVLayout) -> Transform:
     layers, width, dim = layout.num_layers, layout.num_kv_heads * layout.head_dim, layout.head_dim
     if dim % 2:
         raise FormatError("transform", 0, dim, "rotary pairs need an even head_dim")
-
-    def floats(count: int, name: str) -> np.ndarray:
-        values = np.frombuffer(take(4 * count, name), "<f4").astype(np.float32)
-        if not np.isfinite(values).all():
-            raise FormatError(name, 0, "non-finite", "transform values must be finite")
-        return values
-
     steps = {}
     for _ in range(num_levels):
         (level,) = struct.unpack("<B", take(1, "transform.level"))
-        steps[level] = floats(layers * 2 * width, "transform.steps").reshape(layers, 2, width)
-        if not (steps[level] > 0).all():
-            raise FormatError("transform.steps", 0, float(steps[level].min()), "steps must be > 0")
-    inv_freq = floats(dim // 2, "transform.inv_freq")
-    mean = floats(layers * 2 * width, "transform.mean").reshape(layers, 2, width)
-    matrix = floats(layers * 2 * width * width, "transform.decode_matrix").reshape(layers, 2, width, width)
-    if np.linalg.cond(matrix.astype(np.float64)).max() > 1e6:
-        raise FormatError("transform.decode_matrix", 0, "singular", "decode matrices must be well conditioned")
+        steps[level] = _steps(take, (layers, 2, width), "transform.steps")
+    inv_freq = _floats(take, (dim // 2,), "transform.inv_freq")
+    mean = _floats(take, (layers, 2, width), "transform.mean")
+    matrix = _decode_matrix(take, (layers, 2, width, width), "transform.decode_matrix")
     return Transform(mean, matrix, inv_freq, int(num_sinks), steps)
+
+
+def read_cross_layer(take, layout: KVLayout) -> dict[int, CrossLayer]:
+    """Parse a cross-layer record (FORMAT.md §8.3) with ``take(size, field) -> bytes``: level id -> CrossLayer."""
+    magic, num_levels, reserved = _CROSS_HEAD.unpack(take(_CROSS_HEAD.size, "cross_layer"))
+    if magic != CROSS_LAYER_MAGIC or reserved or not 1 <= num_levels <= 255:
+        raise FormatError("cross_layer", 0, (magic, num_levels, reserved), "not a cross-layer record")
+    layers, width = layout.num_layers, layout.num_kv_heads * layout.head_dim
+    out = {}
+    for _ in range(num_levels):
+        (level,) = struct.unpack("<B", take(1, "cross_layer.level"))
+        steps = _steps(take, (layers, 2, width), "cross_layer.steps")
+        mean = _floats(take, (layers, 2, width), "cross_layer.mean")
+        matrix = _decode_matrix(take, (layers, 2, width, width), "cross_layer.decode_matrix")
+        predict = _floats(take, (layers - 1, 2, 2 * width, width), "cross_layer.predict_matrix")
+        out[level] = CrossLayer(steps, mean, matrix, predict)
+    return out
+
+
+def _floats(take, shape: tuple[int, ...], name: str) -> np.ndarray:
+    values = np.frombuffer(take(4 * int(np.prod(shape)), name), "<f4").astype(np.float32)
+    if not np.isfinite(values).all():
+        raise FormatError(name, 0, "non-finite", "transform values must be finite")
+    return values.reshape(shape)
+
+
+def _steps(take, shape: tuple[int, ...], name: str) -> np.ndarray:
+    steps = _floats(take, shape, name)
+    if not (steps > 0).all():
+        raise FormatError(name, 0, float(steps.min()), "steps must be > 0")
+    return steps
+
+
+def _decode_matrix(take, shape: tuple[int, ...], name: str) -> np.ndarray:
+    matrix = _floats(take, shape, name)
+    if np.linalg.cond(matrix.astype(np.float64)).max() > 1e6:
+        raise FormatError(name, 0, "singular", "decode matrices must be well conditioned")
+    return matrix
 
 
 def rotary(inv_freq: np.ndarray, token_start: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,13 +288,15 @@ def _on_device(transform: Transform, device: torch.device) -> tuple[torch.Tensor
 
 def error_bound(transform: Transform, level: int) -> np.ndarray:
     """(L, 2, H*D) largest |x - x'| per channel before output rounding, for tokens not sent raw (times the
-    token's ``MULTIPLIERS[class]`` on the token-adaptive level).
+    token's ``MULTIPLIERS[class]`` on the token-adaptive level). The cross-layer level codes in closed loop (its
+    encoder predicts from what the decoder will have), so its error is its own coefficients' alone, in its basis.
 
     Coefficient j is off by at most step_j / 2, so channel i of ``x`` by ``sum_j |M[j, i]| step_j / 2``; the
     rotation of keys mixes channel i with its pair i +- D/2, so a key channel's bound is the sum of the two.
     """
-    matrix = np.abs(transform.decode_matrix.astype(np.float64))  # (L, 2, W coefficients, W channels)
-    bound = (matrix * transform.steps[level][:, :, :, None]).sum(axis=2) / 2
+    steps, matrix = transform.basis(level)
+    matrix = np.abs(matrix.astype(np.float64))  # (L, 2, W coefficients, W channels)
+    bound = (matrix * steps[:, :, :, None]).sum(axis=2) / 2
     dim = transform.inv_freq.size * 2
     keys = bound[:, 0].reshape(bound.shape[0], -1, dim)
     bound[:, 0] = (keys + np.roll(keys, dim // 2, axis=-1)).reshape(bound.shape[0], -1)

@@ -199,9 +199,12 @@ def fit_transform(model, samples: list[tuple[torch.Tensor, dict[int, torch.Tenso
 
     ``probe`` is (context KV, continuation ids) for the sensitivity measure. Levels' targets: ``levels.py``.
     """
+    from cachegen.codec.cross_layer_fit import fit_cross_layer  # it builds on this module's primitives
+
     inv_freq = model.model.rotary_emb.inv_freq.detach().float().numpy()
     vectors = torch.cat([to_vectors(kv, inv_freq, 0)[:, :, NUM_SINKS:] for kv, _ in samples], 2)
-    mean, decode_matrix = fit_basis(vectors, model_metric(model, samples[0][1], layout))
+    metric = model_metric(model, samples[0][1], layout)
+    mean, decode_matrix = fit_basis(vectors, metric)
     unit = Transform(mean, decode_matrix, inv_freq, NUM_SINKS, {})
     log.info("measuring transform sensitivity groups=%d", layout.num_layers * 2)
     sensitivity = noise_sensitivity(model, unit, layout, *probe)
@@ -209,7 +212,7 @@ def fit_transform(model, samples: list[tuple[torch.Tensor, dict[int, torch.Tenso
     steps: dict[int, np.ndarray] = {}
     cap = None  # coarsest level first: a finer level never gets a coarser step on any coefficient
     for level, scheme in sorted(SCHEME_BY_LEVEL.items(), key=lambda item: item[1].target_bits):
-        if scheme.is_transform and not scheme.token_adaptive:
+        if scheme.is_transform and not (scheme.token_adaptive or scheme.cross_layer):
             steps[level] = cap = fit_steps(coefs, sensitivity, scheme.target_bits, scheme.range_margin, cap)
     probe = fit_probe(model, samples, layout, inv_freq)
     keys = vectors[:, 0]
@@ -218,7 +221,21 @@ def fit_transform(model, samples: list[tuple[torch.Tensor, dict[int, torch.Tenso
             log.info("fitting token-adaptive steps level=%d", level)
             steps[level] = fit_adaptive_steps(coefs[:, :, ::2], keys[:, ::2], probe, sensitivity,
                                               scheme.target_bits, scheme.range_margin)  # fmt: skip
-    return Transform(mean, decode_matrix, inv_freq, NUM_SINKS, steps, probe)
+    cross_layer = {}
+    for level, scheme in SCHEME_BY_LEVEL.items():
+        if scheme.cross_layer:
+            log.info("fitting cross-layer prediction level=%d", level)
+            start = _step_scale(steps, sensitivity, scheme.target_bits)
+            cross_layer[level] = fit_cross_layer(vectors, metric, sensitivity, scheme.target_bits,
+                                                 scheme.range_margin, start)  # fmt: skip
+    return Transform(mean, decode_matrix, inv_freq, NUM_SINKS, steps, probe, cross_layer)
+
+
+def _step_scale(steps: dict[int, np.ndarray], sensitivity: np.ndarray, bits_per_value: float) -> float:
+    """The ``c`` of ``c * s^-ALPHA`` that the fitted level nearest ``bits_per_value`` uses (median: most of its
+    steps are not range floors): where a cross-layer fit starts its search."""
+    nearest = min(steps, key=lambda level: abs(SCHEME_BY_LEVEL[level].target_bits - bits_per_value))
+    return float(np.median(steps[nearest] / (sensitivity**-ALPHA)[:, :, None]))
 
 
 def collect(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import torch
 
-from cachegen.codec import _ext, token_classes, transform
+from cachegen.codec import _ext, cross_layer, token_classes, transform
 from cachegen.codec.bitstream import Frame, dtype_bytes
 from cachegen.codec.tensors import BITS_NUMPY, TORCH_DTYPES, kv_bits
 from cachegen.errors import FormatError
@@ -53,18 +53,21 @@ def decode_values(
 ):  # fmt: skip
     """The frame's KV as a tensor of the layout's dtype on ``device``: dequantized coefficients, escaped tokens
     raw. On a GPU the inverse transform runs there (torch), on symbols already there (a tensor, from the CUDA
-    kernel) or uploaded; on the CPU, with ``use_ext``, 16-bit layouts take the extension's (equal to torch's within
-    f32 rounding)."""
+    kernel) or uploaded; on the CPU, with ``use_ext``, levels 6-8 in 16-bit layouts take the extension's (equal to
+    torch's within f32 rounding). The cross-layer level's chain always runs in torch."""
     header = frame.header
     indices, bits = read_escapes(view, frame, layout)
     dtype, device = TORCH_DTYPES[layout.dtype], torch.device(device)
-    if device.type == "cpu" and use_ext and layout.dtype != "float32" and _ext.has_inverse_transform():
+    on_host = device.type != "cpu" and not torch.is_tensor(symbols)
+    coded = torch.from_numpy(symbols.astype(np.uint8)) if on_host else symbols  # < 255: a GPU gets bytes
+    if level in tables.transform.cross_layer:  # the chain down the layers: torch's matrix products (FORMAT.md §5.7)
+        values = cross_layer.dequantize(coded, tables.transform, level, layout, header.token_start, device)
+        out = values.to(dtype)
+    elif device.type == "cpu" and use_ext and layout.dtype != "float32" and _ext.has_inverse_transform():
         is_bf16 = layout.dtype == "bfloat16"
         args = (symbols, tables.transform, level, header.token_start, classes, is_bf16, torch.get_num_threads())
         out = torch.from_numpy(_ext.inverse_transform(*args)).view(dtype)
-    else:  # symbols < 255: a GPU gets them as bytes, a quarter of the upload
-        on_host = device.type != "cpu" and not torch.is_tensor(symbols)
-        coded = torch.from_numpy(symbols.astype(np.uint8)) if on_host else symbols
+    else:
         values = transform.dequantize(coded, tables.transform, level, layout, header.token_start, classes, device)
         out = values.to(dtype)
     if indices.size:

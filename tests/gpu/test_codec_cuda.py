@@ -72,11 +72,11 @@ def transform_tables():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("level", [6, 7, 8])
+@pytest.mark.parametrize("level", [6, 7, 8, 9])
 @pytest.mark.parametrize("token_start", [0, 300])
 def test_transform_levels_decode_on_the_gpu(transform_tables, level: int, token_start: int) -> None:
-    """Levels 6-8 into a CUDA tensor: streams and the inverse transform (float64 product) on the GPU, equal to the
-    CPU decode within f32 rounding; escaped tokens (the sinks at 0) exact."""
+    """Levels 6-9 into a CUDA tensor: streams and the inverse transform (float64 products; level 9's chain down the
+    layers in float64) on the GPU, equal to the CPU decode within f32 rounding; escaped tokens (sinks at 0) exact."""
     from tests.unit.codec_fixtures import assert_within_sum_rounding
 
     layout = LAYOUTS[64]
@@ -91,10 +91,10 @@ def test_transform_levels_decode_on_the_gpu(transform_tables, level: int, token_
 
 
 @pytest.mark.skipif(not _ext.has_cuda_symbols(), reason="needs a CUDA device and a build with the symbol kernel")
-@pytest.mark.parametrize("level", [6, 7, 8])
+@pytest.mark.parametrize("level", [6, 7, 8, 9])
 @pytest.mark.parametrize("num_tokens", [256, 45])
 def test_cuda_symbols_match_the_cpu_extension(transform_tables, level: int, num_tokens: int) -> None:
-    """The CUDA kernel's symbols of levels 6-8 (level 8 with its per-token table shifts) equal the CPU's exactly."""
+    """The CUDA kernel's symbols of levels 6-9 (level 8 with its per-token table shifts) equal the CPU's exactly."""
     from cachegen.codec.calibrate import level_symbols
 
     entry = transform_tables.for_level(level)

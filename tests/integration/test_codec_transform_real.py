@@ -40,7 +40,7 @@ def fitted(model_dir):
     return model, layout, tables, evaluated
 
 
-@pytest.mark.parametrize("name", ["pca3", "pca2", "pca2t"])
+@pytest.mark.parametrize("name", ["pca3", "pca2", "pca2t", "pca2x"])
 def test_real_kv_round_trip_is_bounded_and_faithful(fitted, name: str) -> None:
     from cachegen.codec.sensitivity import mean_kl, next_token_logits
 
@@ -59,7 +59,7 @@ def test_real_kv_round_trip_is_bounded_and_faithful(fitted, name: str) -> None:
     assert kl < 0.05  # CacheGen's own default level measures ~0.04 at 2K tokens; these levels 0.004-0.012
 
 
-@pytest.mark.parametrize("name", ["pca2", "pca2t"])
+@pytest.mark.parametrize("name", ["pca2", "pca2t", "pca2x"])
 def test_real_kv_transform_streams_match_constriction(fitted, name: str) -> None:
     """Our words equal constriction's; on pca2t each token's symbols use its class's ladder rows."""
     _, layout, tables, (kv, _) = fitted

@@ -8,6 +8,7 @@ import torch
 
 from cachegen.codec import token_classes
 from cachegen.codec.bitstream import parse_frame
+from cachegen.codec.cross_layer_fit import design
 from cachegen.codec.levels import SCHEME_BY_LEVEL
 from cachegen.codec.token_classes import MULTIPLIERS, Probe
 from cachegen.codec.transform import Transform, error_bound, to_vectors
@@ -17,22 +18,29 @@ from cachegen.spec import KVLayout
 
 
 def tiny_transform(samples: list[torch.Tensor], layout: KVLayout) -> Transform:
-    """Steps 0.05 and 0.2 for the transform-coded levels, finest first; rotary frequencies of base 10000."""
+    """Steps 0.05, 0.2 and 0.8 for levels 6-8, a closed-loop cross-layer record for level 9; rotary frequencies of
+    base 10000."""
     dim = layout.head_dim
     inv_freq = (1.0 / 10000 ** (np.arange(0, dim, 2) / dim)).astype(np.float32)
     vectors = torch.cat([to_vectors(kv, inv_freq, 0) for kv in samples], 2)
     width = layout.num_kv_heads * dim
     metric = torch.eye(width, dtype=torch.float64).expand(layout.num_layers, 2, width, width)
     mean, matrix = fit_basis(vectors, metric)
-    levels = sorted(level for level, scheme in SCHEME_BY_LEVEL.items() if scheme.is_transform)
+    levels = sorted(level for level, s in SCHEME_BY_LEVEL.items() if s.is_transform and not s.cross_layer)
     shape = (layout.num_layers, 2, width)
     steps = {level: np.full(shape, 0.05 * 4**i, np.float32) for i, level in enumerate(levels)}
+    # cross-layer levels: a closed-loop design at step 0.1 in the plain metric, on KV whose layers follow each other
+    # (two 32-token samples are too few for 2W + 1 predictor inputs)
+    layered = torch.cat([to_vectors(layered_kv(layout, 256, seed), inv_freq, 0) for seed in (11, 12)], 2)
+    unit = torch.ones(layout.num_layers, 2)
+    cross = {level: design(layered, metric, unit, 0.1, 1.0)[0]
+             for level, s in SCHEME_BY_LEVEL.items() if s.cross_layer}  # fmt: skip
     generator = torch.Generator().manual_seed(7)
     queries = 0.3 * torch.randn(layout.num_layers, layout.num_kv_heads, 4, dim, generator=generator)
     unscaled = Probe(queries.numpy(), np.zeros(queries.shape[:3], np.float32), np.ones(layout.num_layers, np.float32))
     reference = token_classes.scores(vectors[:, 0], unscaled).median(dim=1).values.numpy()
     probe = Probe(unscaled.queries, unscaled.log_norm, reference.astype(np.float32))
-    return Transform(mean, matrix, inv_freq, NUM_SINKS, steps, probe)
+    return Transform(mean, matrix, inv_freq, NUM_SINKS, steps, probe, cross)
 
 
 def frame_bound(tables, frame: bytes, layout: KVLayout) -> np.ndarray:
@@ -53,6 +61,15 @@ def outlier_kv(layout: KVLayout, num_tokens: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     kv = torch.randn(layout.shape(num_tokens), generator=generator)
     kv[:, 0, :, :, 3] *= 8
+    return kv.bfloat16()
+
+
+def layered_kv(layout: KVLayout, num_tokens: int, seed: int) -> torch.Tensor:
+    """``outlier_kv`` whose layer l is mostly layer l - 1 (0.8 of it, plus 0.6 of fresh noise), as a real model's
+    residual stream makes them: what the cross-layer level predicts."""
+    kv = outlier_kv(layout, num_tokens, seed).float()
+    for layer in range(1, layout.num_layers):
+        kv[layer] = 0.8 * kv[layer - 1] + 0.6 * kv[layer]
     return kv.bfloat16()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from cachegen.codec import calibrate, decode, encode, load_tables
 from cachegen.codec.bitstream import parse_frame
-from cachegen.codec.transform import error_bound, from_vectors, rotary, to_vectors
+from cachegen.codec.transform import TRANSFORM_MAGIC, error_bound, from_vectors, rotary, to_vectors
 from cachegen.codec.transform_fit import fit_steps
 from cachegen.errors import FormatError, InvalidRequest
 from cachegen.spec import LEVEL_BY_NAME, KVLayout
@@ -81,14 +82,15 @@ def _resealed_tables(data: bytes) -> bytes:
 
 def test_hostile_transform_records_are_rejected(tables) -> None:
     good = tables.to_bytes()
-    record = tables.transform.to_bytes()
-    at = len(good) - 4 - len(record)
+    record = dataclasses.replace(tables.transform, probe=None, cross_layer={}).to_bytes()  # CGTX alone
+    at = good.index(TRANSFORM_MAGIC)
+    end = at + len(record)
     with pytest.raises(FormatError):
         load_tables(_resealed_tables(good[: at + 20] + good[-4:]))  # truncated record
     matrix_bytes = tables.transform.decode_matrix.size * 4  # the record ends with the decode matrices
-    singular = record[:-matrix_bytes] + np.ones(matrix_bytes // 4, "<f4").tobytes()
+    singular = np.ones(matrix_bytes // 4, "<f4").tobytes()
     with pytest.raises(FormatError):
-        load_tables(_resealed_tables(good[:at] + singular + good[-4:]))
+        load_tables(_resealed_tables(good[: end - matrix_bytes] + singular + good[end:]))
     nan_step = bytearray(good)
     struct.pack_into("<f", nan_step, at + 13, float("nan"))  # first step of the first level
     with pytest.raises(FormatError):
