@@ -38,7 +38,7 @@ CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=
 kernels-check:
 	@mkdir -p build/kernels
 	@for f in kernels/cuda/*.cu; do echo "nvcc $$f"; $(NVCC) -c $(KERNEL_FLAGS) $(CUDA_ARCHS) $$f -o build/kernels/$$(basename $$f).o || exit 1; done
-	$(CXX) $(KERNEL_FLAGS) -Wall -Wextra -ffp-contract=off -pthread kernels/tests/test_golden.cpp kernels/cpu/frame.cpp kernels/cpu/codec_cpu.cpp -o build/kernels/test_golden
+	$(CXX) $(KERNEL_FLAGS) -Wall -Wextra -ffp-contract=off -pthread kernels/tests/test_golden.cpp kernels/cpu/frame.cpp kernels/cpu/tables_file.cpp kernels/cpu/codec_cpu.cpp -o build/kernels/test_golden
 	build/kernels/test_golden tests/golden
 
 # On a CUDA machine: builds the CUDA library the codec loads, checks GPU == CPU bytes, runs the GPU tests and benchmark.
@@ -50,7 +50,7 @@ GPU_TABLES ?=
 gpu-check: kernels-check
 	$(PY) setup.py build_ext --inplace -q
 	$(NVCC) -shared -Xcompiler -fPIC $(KERNEL_FLAGS) $(CUDA_ARCHS) kernels/cuda/decode.cu -o cachegen/codec/libcachegen_cuda.so
-	$(NVCC) $(KERNEL_FLAGS) $(CUDA_ARCHS) kernels/tests/test_cuda_golden.cu kernels/cuda/decode.cu kernels/cpu/frame.cpp kernels/cpu/codec_cpu.cpp -o build/kernels/test_cuda_golden
+	$(NVCC) $(KERNEL_FLAGS) $(CUDA_ARCHS) kernels/tests/test_cuda_golden.cu kernels/cuda/decode.cu kernels/cpu/frame.cpp kernels/cpu/tables_file.cpp kernels/cpu/codec_cpu.cpp -o build/kernels/test_cuda_golden
 	build/kernels/test_cuda_golden tests/golden
 	$(PY) -m pytest -m gpu tests/gpu -q -p no:cacheprovider
 	$(PY) -m server.cli bench codec-gpu --kv $(GPU_KV) $(if $(GPU_TABLES),--tables $(GPU_TABLES)) --json build/bench_codec_gpu.json

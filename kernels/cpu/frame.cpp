@@ -1,4 +1,5 @@
-// FORMAT.md §3, §5.5-5.6, §6 and §8-8.2 in C++: every size is checked against the buffer before it is used.
+// FORMAT.md §3, §5.5-5.7 and §6 in C++: every size is checked against the buffer before it is used. The tables
+// file (§8-8.3) is read by tables_file.cpp.
 #include "frame.h"
 
 #include <algorithm>
@@ -35,7 +36,7 @@ std::string check_fixed(const uint8_t* d, size_t len, FrameView* f, size_t* head
   f->tokens_per_chunk = load<uint32_t>(d + 16);
   f->token_start = load<uint32_t>(d + 20);
   f->num_tokens = load<uint32_t>(d + 24);
-  if (f->level > 8) return "level";  // levels 0-8 (FORMAT.md §4)
+  if (f->level > 9) return "level";  // levels 0-9 (FORMAT.md §4)
   if (f->dtype < 1 || f->dtype > 3) return "dtype";
   if (f->num_tokens < 1 || f->num_tokens > 65536) return "num_tokens";
   if (uint64_t(f->token_start) + f->num_tokens > 0xFFFFFFFFull) return "token_start";
@@ -53,138 +54,16 @@ std::string expect(const FrameView& f, std::vector<uint32_t> kinds, std::vector<
   return "";
 }
 
-// Bounds-checked cursor over untrusted bytes, as _Reader in cachegen/codec/tables.py: take() hands out the next
-// `size` bytes, or nullptr (moving nowhere) when fewer are left, and the caller names the field.
-struct Cursor {
-  const uint8_t* data;
-  uint64_t at, end;
-  const uint8_t* take(uint64_t size) {
-    if (size > end - at) return nullptr;
-    at += size;
-    return data + at - size;
-  }
-};
-
-// `count` f32 of a transform record, each finite (FORMAT.md §8.1); "" or `field`.
-std::string take_floats(Cursor& in, uint64_t count, const char* field, std::vector<float>* out) {
-  const uint8_t* p = count <= (in.end - in.at) / 4 ? in.take(4 * count) : nullptr;  // no 4 * count to wrap
-  if (!p) return field;
-  out->resize(count);
-  std::memcpy(out->data(), p, 4 * count);
-  for (float v : *out) if (!std::isfinite(v)) return field;
-  return "";
-}
-
-// The shape of a level entry (FORMAT.md §8, §8.1), in the order of tables._read_level: levels 6-8 need A = 255,
-// P = D and bins 256 everywhere, level 8 also its 96-row ladder with every map entry in [16, 81] (§5.6), so that
-// the decoder's table_map + shift is a row for every class; a quantized level (any bin non-zero) even 4..256 bins.
-std::string check_shape(const LevelData& lv, const TablesFile& t) {
-  const bool is_quantized = std::any_of(lv.bins.begin(), lv.bins.end(), [](uint16_t b) { return b != 0; });
-  const bool is_all_256 = std::all_of(lv.bins.begin(), lv.bins.end(), [](uint16_t b) { return b == 256; });
-  if (lv.level >= 6 && (lv.alphabet != 255 || lv.per_token != t.head_dim || !is_all_256)) return "level_shape";
-  const auto [low, high] = std::minmax_element(lv.table_map.begin(), lv.table_map.end());
-  const bool is_ladder = lv.num_tables == kLadderTables && *low >= kLadderMapLow && *high <= kLadderMapHigh;
-  if (lv.level == kTokenAdaptiveLevel && !is_ladder) return "table_map";  // map is never empty: L, H, P >= 1
-  for (uint16_t b : lv.bins) if (is_quantized && (b < 4 || b > 256 || b % 2)) return "bins";
-  return "";
-}
-
-// One level entry of a tables file (FORMAT.md §8), with the field names and order of tables._read_level.
-std::string parse_level(Cursor& in, const TablesFile& t, LevelData* lv) {
-  const uint8_t* head = in.take(9);
-  if (!head) return "level";
-  lv->level = head[0];
-  lv->alphabet = load<uint16_t>(head + 1);
-  lv->num_tables = load<uint32_t>(head + 3);
-  lv->per_token = load<uint16_t>(head + 7);
-  if (lv->level < 1 || lv->level > 8) return "level";  // the coded levels (FORMAT.md §4)
-  const bool is_p_valid = lv->per_token == t.head_dim || lv->per_token == 2 * t.head_dim;
-  if (!is_p_valid || lv->alphabet < 2 || lv->alphabet > 256) return "level_shape";
-  const uint64_t n_bins = uint64_t(t.layers) * 2, n_map = n_bins * t.heads * lv->per_token;
-  const uint64_t n_freq = uint64_t(lv->num_tables) * lv->alphabet;
-  const uint8_t *bins = in.take(2 * n_bins), *map = bins ? in.take(4 * n_map) : nullptr;
-  const uint8_t* freq = map ? in.take(4 * n_freq) : nullptr;
-  if (!freq) return !bins ? "bins" : !map ? "table_map" : "freq";
-  lv->bins.assign(reinterpret_cast<const uint16_t*>(bins), reinterpret_cast<const uint16_t*>(bins) + n_bins);
-  lv->table_map.resize(n_map);
-  lv->freq.resize(n_freq);
-  std::memcpy(lv->table_map.data(), map, 4 * n_map);
-  std::memcpy(lv->freq.data(), freq, 4 * n_freq);
-  std::string bad = check_shape(*lv, t);
-  if (!bad.empty()) return bad;
-  for (uint32_t m : lv->table_map) if (m >= lv->num_tables) return "table_map";
-  lv->cum.resize(n_freq);
-  for (uint32_t r = 0; r < lv->num_tables; ++r) {
-    uint64_t sum = 0;
-    for (uint32_t k = 0; k < lv->alphabet; ++k) {
-      const uint32_t f = lv->freq[uint64_t(r) * lv->alphabet + k];
-      if (f == 0) return "freq";
-      lv->cum[uint64_t(r) * lv->alphabet + k] = uint32_t(sum);
-      sum += f;
-    }
-    if (sum != kTotal) return "freq";
-  }
-  return "";
-}
-
-// The transform record (FORMAT.md §8.1), with the field names and checks of transform.read_transform.
-std::string read_transform(Cursor& in, const TablesFile& t, TransformData* tx) {
-  const uint8_t* head = in.take(12);
-  if (!head) return "transform";
-  const uint32_t num_levels = load<uint16_t>(head + 4);
-  if (std::memcmp(head, "CGTX", 4) != 0 || load<uint16_t>(head + 6) != 0 || num_levels < 1 || num_levels > 255)
-    return "transform";
-  if (t.head_dim % 2) return "transform";  // the keys' rotary pairs (i, i + D/2)
-  tx->num_sinks = load<uint32_t>(head + 8);
-  const uint64_t width = uint64_t(t.heads) * t.head_dim, per_level = uint64_t(t.layers) * 2 * width;
-  for (uint32_t i = 0; i < num_levels; ++i) {
-    const uint8_t* level = in.take(1);
-    if (!level) return "transform.level";
-    std::vector<float> steps;
-    const std::string bad = take_floats(in, per_level, "transform.steps", &steps);
-    if (!bad.empty()) return bad;
-    if (!std::all_of(steps.begin(), steps.end(), [](float s) { return s > 0; })) return "transform.steps";
-    tx->steps[*level] = std::move(steps);
-  }
-  std::string bad = take_floats(in, t.head_dim / 2, "transform.inv_freq", &tx->inv_freq);
-  if (bad.empty()) bad = take_floats(in, per_level, "transform.mean", &tx->mean);
-  // width <= 2^32 - 1, so width^2 fits; the product with the 2L matrices saturates instead of wrapping
-  const uint64_t matrix_floats = per_level > UINT64_MAX / width ? UINT64_MAX : per_level * width;
-  if (bad.empty()) bad = take_floats(in, matrix_floats, "transform.decode_matrix", &tx->decode_matrix);
-  if (!bad.empty()) return bad;
-  for (uint64_t m = 0; m < uint64_t(t.layers) * 2; ++m)
-    if (!is_well_conditioned(tx->decode_matrix.data() + m * width * width, uint32_t(width)))
-      return "transform.decode_matrix";
-  return "";
-}
-
-// The probe record (FORMAT.md §8.2), checked as token_classes.read_probe: sizes, finite values, reference > 0.
-// Only encoders use its values, so they are dropped.
-std::string read_probe(Cursor& in, const TablesFile& t, TransformData* tx) {
-  const uint8_t* head = in.take(8);
-  if (!head) return "probe";
-  const uint32_t per_head = load<uint32_t>(head + 4);
-  if (std::memcmp(head, "CGIP", 4) != 0 || per_head < 1 || per_head > 4096) return "probe";
-  const uint64_t log_norms = uint64_t(t.layers) * t.heads * per_head;  // < 2^44, times D < 2^60: no wrap
-  std::vector<float> values;
-  std::string bad = take_floats(in, log_norms * t.head_dim, "probe.queries", &values);
-  if (bad.empty()) bad = take_floats(in, log_norms, "probe.log_norm", &values);
-  if (bad.empty()) bad = take_floats(in, t.layers, "probe.reference", &values);
-  if (bad.empty() && !std::all_of(values.begin(), values.end(), [](float r) { return r > 0; }))
-    bad = "probe.reference";
-  tx->probe_queries = bad.empty() ? per_head : 0;
-  return bad;
-}
-
 // The tables' entry for the frame's level when the tables fit the frame: its layout, the P that decoders size
-// their output by, and for levels 6-8 a transform record with the level's steps (FORMAT.md §6 rule 8). nullptr
+// their output by, and for levels 6-9 a transform record with the level's steps, in its cross-layer record for
+// level 9 (FORMAT.md §6 rule 8). nullptr
 // is a mismatch (the Python decoder's LayoutMismatch). The first entry of the level counts, as in tables.py.
 const LevelData* level_for(const TablesFile& t, const FrameView& f) {
   if (t.layers != f.layers || t.heads != f.heads || t.head_dim != f.head_dim) return nullptr;
   const auto is_level = [&](const LevelData& l) { return l.level == f.level; };
   const auto lv = std::find_if(t.levels.begin(), t.levels.end(), is_level);
   if (lv == t.levels.end() || lv->per_token != (f.level == 1 ? 2 : 1) * f.head_dim) return nullptr;
-  if (f.level >= 6 && (!t.transform || t.transform->steps.count(f.level) == 0)) return nullptr;
+  if (f.level >= 6 && (!t.transform || !t.transform->has_level(f.level))) return nullptr;
   return &*lv;
 }
 
@@ -242,7 +121,7 @@ bool words_add_up(const uint8_t* d, const FrameView& f) {
   return words.size % 4 == 0 && total == limit;
 }
 
-// The ESCAPES section of a level-6/7/8 frame (FORMAT.md §5.5), checked as transform_frame.read_escapes: the token
+// The ESCAPES section of a level-6/7/8/9 frame (FORMAT.md §5.5), checked as transform_frame.read_escapes: the token
 // indices, ascending and below T, and where their raw values start. Sizes are compared by division, so no
 // count times a layout can wrap.
 std::string read_escapes(const uint8_t* d, const FrameView& f, std::vector<uint32_t>* tokens, const uint8_t** raw) {
@@ -262,9 +141,10 @@ std::string read_escapes(const uint8_t* d, const FrameView& f, std::vector<uint3
   return "";
 }
 
-// Levels 6-8 once their streams gave `symbols` (L, 2, H, T, D): ESCAPES, dequantization (transform.h; `classes`
-// (L, T) on level 8, else empty), then the escaped tokens' raw values over their dequantized ones (FORMAT.md §5.5
-// step 4). Every symbol is <= 254 (A = 255, checked with the tables), so no symbol check is due.
+// Levels 6-9 once their streams gave `symbols` (L, 2, H, T, D): ESCAPES, dequantization (transform.h; `classes`
+// (L, T) on level 8, else empty; level 9 from its cross-layer record), then the escaped tokens' raw values over
+// their dequantized ones (FORMAT.md §5.5 step 4). Every symbol is <= 254 (A = 255, checked with the tables), so no
+// symbol check is due.
 std::string finish_transform(const uint8_t* d, const FrameView& f, const TransformData& tx,
                              const std::vector<uint8_t>& classes, const std::vector<int32_t>& symbols,
                              std::vector<uint16_t>* out) {
@@ -275,7 +155,11 @@ std::string finish_transform(const uint8_t* d, const FrameView& f, const Transfo
   out->resize(symbols.size());
   const TransformShape shape{f.layers, f.heads, f.head_dim, f.num_tokens, f.token_start, f.dtype == 1};
   const uint8_t* class_data = classes.empty() ? nullptr : classes.data();
-  dequantize_transform(shape, tx, tx.steps.at(f.level).data(), class_data, symbols.data(), out->data());
+  const auto cross = tx.cross_layer.find(f.level);
+  if (cross != tx.cross_layer.end())
+    dequantize_cross_layer(shape, tx, cross->second, symbols.data(), out->data());
+  else
+    dequantize_transform(shape, tx, tx.steps.at(f.level).data(), class_data, symbols.data(), out->data());
   const uint64_t groups = uint64_t(f.layers) * 2 * f.heads, n = tokens.size(), row_bytes = uint64_t(f.head_dim) * 2;
   for (uint64_t g = 0; g < groups; ++g)  // raw order (l, kv, h, i, d): each group's n tokens in a row
     for (uint64_t i = 0; i < n; ++i)
@@ -313,34 +197,6 @@ std::string parse_frame(const uint8_t* d, size_t len, FrameView* f) {
   if (offset + 4 != len) return "frame_size";
   if (load<uint32_t>(d + len - 4) != crc32(d + head + 4, len - head - 8)) return "payload_crc32";
   return "";
-}
-
-std::string parse_tables(const uint8_t* d, size_t len, TablesFile* t) {
-  if (len < 22 || load<uint32_t>(d + len - 4) != crc32(d, len - 4)) return "tables_crc32";  // 18-byte head + CRC
-  if (std::memcmp(d, "CGCT", 4) != 0 || load<uint16_t>(d + 4) != 1 || d[12] < 1 || d[12] > 3) return "tables_header";
-  t->layers = load<uint16_t>(d + 6);
-  t->heads = load<uint16_t>(d + 8);
-  t->head_dim = load<uint16_t>(d + 10);
-  t->levels.clear();
-  t->transform.reset();
-  Cursor in{d, 18, len - 4};  // after the head (FORMAT.md §8), up to the CRC
-  if (!in.take(d[13])) return "model_id";
-  const uint8_t* count = in.take(2);
-  if (!count) return "num_levels";
-  for (uint32_t i = 0, n = load<uint16_t>(count); i < n; ++i) {
-    LevelData lv;
-    const std::string bad = parse_level(in, *t, &lv);
-    if (!bad.empty()) return bad;
-    t->levels.push_back(std::move(lv));
-  }
-  // FORMAT.md §8.1: a transform record follows the levels when there are bytes left, as the Python reader has it;
-  // whether the levels need one is the decoder's question (FORMAT.md §6 rule 8).
-  if (in.at < in.end) {
-    std::string bad = read_transform(in, *t, &t->transform.emplace());
-    if (bad.empty() && in.at < in.end) bad = read_probe(in, *t, &*t->transform);  // optional (FORMAT.md §8.2)
-    if (!bad.empty()) return bad;
-  }
-  return in.at == in.end ? "" : "tables_size";
 }
 
 std::string decode_frame(const uint8_t* d, const FrameView& f, const TablesFile* tables, std::vector<uint16_t>* out) {

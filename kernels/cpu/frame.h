@@ -1,5 +1,5 @@
-// A C++ reader of FORMAT.md frames and tables files of every level (0-8): structure, sizes and CRCs (§3, §6, §8,
-// §8.1, §8.2), then decoding through the core (transform.h for levels 6-8). The BLAKE2b layout digest and tables
+// A C++ reader of FORMAT.md frames and tables files of every level (0-9): structure, sizes and CRCs (§3, §6, §8,
+// §8.1-8.3), then decoding through the core (transform.h for levels 6-9). The BLAKE2b layout digest and tables
 // id are left to the caller (the Python layer checks them).
 #pragma once
 #include <cstddef>
@@ -43,8 +43,8 @@ std::string parse_frame(const uint8_t* data, size_t len, FrameView* out);
 std::string parse_tables(const uint8_t* data, size_t len, TablesFile* out);
 
 // Decode a parsed bf16/f16 frame of any level into 16-bit values (L, 2, H, T, D). Levels 2-5 always write bf16
-// (the fused CPU kernel's output); levels 6-8 write the frame's dtype and agree with other decoders to f32
-// rounding only (FORMAT.md §5.5).
+// (the fused CPU kernel's output); levels 6-9 write the frame's dtype and agree with other decoders to f32
+// rounding only (FORMAT.md §5.5, §5.7).
 std::string decode_frame(const uint8_t* data, const FrameView& frame, const TablesFile* tables,
                          std::vector<uint16_t>* out);
 

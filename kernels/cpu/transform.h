@@ -1,7 +1,7 @@
-// The numerics of the transform-coded levels 6-8 (FORMAT.md §5.5, §5.6, §8.1) for the C++ frame reader: the
-// transform record's matrix check, level 8's token classes and dequantization, as cachegen/codec/transform.py and
-// token_classes.py. Header-only like codec.h, so the reader still builds from frame.cpp and codec_cpu.cpp alone
-// (Makefile, tests/unit/test_codec_kernels.py).
+// The numerics of the transform-coded levels 6-9 (FORMAT.md §5.5-5.7, §8.1, §8.3) for the C++ frame reader: the
+// records' matrix check, level 8's token classes, level 9's prediction down the layers and dequantization, as
+// cachegen/codec/transform.py, token_classes.py and cross_layer.py. Header-only like codec.h, so the reader still
+// builds from frame.cpp, tables_file.cpp and codec_cpu.cpp alone (Makefile, tests/unit/test_codec_kernels.py).
 #pragma once
 #include <algorithm>
 #include <cfloat>
@@ -47,6 +47,14 @@ inline bool unpack_token_classes(const uint8_t* data, uint64_t size, uint32_t la
   return true;
 }
 
+// One level of a tables file's cross-layer record (FORMAT.md §8.3); W = heads * head_dim.
+struct CrossLayerData {
+  std::vector<float> steps;           // (layers, 2, W)
+  std::vector<float> mean;            // (layers, 2, W)
+  std::vector<float> decode_matrix;   // (layers, 2, W, W): row c is the direction of coefficient c
+  std::vector<float> predict_matrix;  // (layers - 1, 2, 2W, W): row j weighs layer l - 1's keys (j < W), values
+};
+
 // A tables file's transform record (FORMAT.md §8.1); W = heads * head_dim.
 struct TransformData {
   uint32_t num_sinks = 0;
@@ -57,6 +65,9 @@ struct TransformData {
   std::vector<float> decode_matrix;              // (layers, 2, W, W): row c is the direction of coefficient c
   uint32_t probe_queries = 0;                    // P of the probe record (FORMAT.md §8.2), 0 without one; its
                                                  // values only serve encoders, so the reader checks and drops them
+  std::map<uint32_t, CrossLayerData> cross_layer;  // level -> its record (FORMAT.md §8.3); a repeated level: the
+                                                   // last one counts
+  bool has_level(uint32_t level) const { return steps.count(level) != 0 || cross_layer.count(level) != 0; }
 };
 
 // One frame's shape as dequantize_transform needs it.
@@ -186,6 +197,53 @@ inline void dequantize_transform(const TransformShape& s, const TransformData& t
           out[at(h, i + half)] = round_to_16(v[i + half] * cs + v[i] * sn, s.is_bf16);
         }
       }
+    }
+  }
+}
+
+// Symbols (L, 2, H, T, D) of a level-9 frame -> 16-bit values (L, 2, H, T, D), keys rotated back (FORMAT.md §5.7),
+// the escapes left to the caller. Token by token, layer by layer: x = mean + y M + f P in f64, f the previous
+// layer's x (keys then values) as f32, the width the next layer reads it at.
+inline void dequantize_cross_layer(const TransformShape& s, const TransformData& tx, const CrossLayerData& cl,
+                                   const int32_t* symbols, uint16_t* out) {
+  const uint32_t D = s.head_dim, half = D / 2, W = s.heads * D, T = s.num_tokens;
+  std::vector<float> cos_t, sin_t, x(2 * W), features(2 * W);
+  std::vector<double> sum(W);
+  rotary(tx.inv_freq, s.token_start, T, &cos_t, &sin_t);
+  for (uint32_t t = 0; t < T; ++t) {
+    for (uint32_t l = 0; l < s.layers; ++l) {
+      for (uint32_t kv = 0; kv < 2; ++kv) {
+        const uint64_t lk = uint64_t(l) * 2 + kv;
+        auto at = [&](uint32_t h, uint32_t d) { return ((lk * s.heads + h) * T + t) * D + d; };
+        const float* mean = cl.mean.data() + lk * W;
+        const float* matrix = cl.decode_matrix.data() + lk * W * W;
+        for (uint32_t i = 0; i < W; ++i) sum[i] = mean[i];
+        for (uint32_t c = 0; c < W; ++c) {
+          const float y = static_cast<float>(symbols[at(c / D, c % D)] - kMaxCoefficient) * cl.steps[lk * W + c];
+          if (y == 0) continue;
+          for (uint32_t i = 0; i < W; ++i) sum[i] += double(y) * matrix[uint64_t(c) * W + i];
+        }
+        if (l > 0) {
+          const float* predict = cl.predict_matrix.data() + ((uint64_t(l) - 1) * 2 + kv) * 2 * W * W;
+          for (uint32_t j = 0; j < 2 * W; ++j)
+            for (uint32_t i = 0; i < W; ++i) sum[i] += double(features[j]) * predict[uint64_t(j) * W + i];
+        }
+        float* v = x.data() + kv * W;
+        for (uint32_t i = 0; i < W; ++i) v[i] = static_cast<float>(sum[i]);
+        for (uint32_t h = 0; h < s.heads; ++h) {
+          const float* u = v + h * D;
+          if (kv == 1) {
+            for (uint32_t d = 0; d < D; ++d) out[at(h, d)] = round_to_16(u[d], s.is_bf16);
+            continue;
+          }
+          for (uint32_t i = 0; i < half; ++i) {
+            const float cs = cos_t[t * half + i], sn = sin_t[t * half + i];
+            out[at(h, i)] = round_to_16(u[i] * cs - u[i + half] * sn, s.is_bf16);
+            out[at(h, i + half)] = round_to_16(u[i + half] * cs + u[i] * sn, s.is_bf16);
+          }
+        }
+      }
+      features = x;  // this layer's keys then values: the next layer's prediction reads them
     }
   }
 }

@@ -31,12 +31,15 @@ void check(bool ok, const std::string& what) {
   failures += ok ? 0 : 1;
 }
 
-// The three golden tables files. A frame names its tables by BLAKE2b id, a check this reader leaves to its caller;
+// The four golden tables files. A frame names its tables by BLAKE2b id, a check this reader leaves to its caller;
 // the golden frames of levels 6-7 were coded with the one that has a transform record, those of level 8 with the
-// one that also has the level's ladder and a probe record, all others with the plain.
+// one that also has the level's ladder and a probe record, level 9 with the one that has a cross-layer record, all
+// others with the plain.
 struct GoldenTables {
-  cachegen::TablesFile plain, pca, pca2t;
-  const cachegen::TablesFile* of(uint32_t level) const { return level == 8 ? &pca2t : level >= 6 ? &pca : &plain; }
+  cachegen::TablesFile plain, pca, pca2t, pca2x;
+  const cachegen::TablesFile* of(uint32_t level) const {
+    return level == 9 ? &pca2x : level == 8 ? &pca2t : level >= 6 ? &pca : &plain;
+  }
 };
 
 // Parse and decode one frame; "" when it decodes, else the field the reader rejected.
@@ -154,11 +157,32 @@ void check_bad_probes(const std::vector<uint8_t>& bytes, const cachegen::TablesF
       {"probe.log_norm", parse_edited(bytes, [&](auto& b) { put_float(b, record + log_norm_at, INFINITY); })},
       {"probe.reference", parse_edited(bytes, [&](auto& b) { put_float(b, record + reference_at, 0.0f); })},
       {"probe.reference", parse_edited(bytes, [](auto& b) { b.resize(b.size() - 4); })},
-      {"tables_size", parse_edited(bytes, [](auto& b) { b.resize(b.size() + 4, 0); })},
+      {"cross_layer", parse_edited(bytes, [](auto& b) { b.resize(b.size() + 4, 0); })},  // not a §8.3 record
       {"table_map", parse_edited(bytes, [&](auto& b) { put_u32(b, ladder_map, 15); })},  // 15 - 14 at v = 15 < 0
       {"table_map", parse_edited(bytes, [&](auto& b) { put_u32(b, ladder_map, 82); })},  // 82 + 16 at v = 0 > 95
   };
   for (const auto& [want, got] : cases) check(got == want, "bad probe or ladder -> " + got + " (want " + want + ")");
+}
+
+// Bad cross-layer records (FORMAT.md §8.3), made from tables_small_pca2x.cgct: the fields are those
+// transform.read_cross_layer reports. The record ends at the CRC: head, level byte, steps, mean, matrices.
+void check_bad_cross_layer(const std::vector<uint8_t>& bytes, const cachegen::TablesFile& t) {
+  const size_t width = size_t(t.heads) * t.head_dim, per_level = size_t(t.layers) * 2 * width;
+  const size_t steps_at = 9, matrix_at = steps_at + 8 * per_level, predict_at = matrix_at + 4 * per_level * width;
+  const size_t record = bytes.size() - 4 - (predict_at + 4 * (size_t(t.layers) - 1) * 4 * width * width);
+  check(std::memcmp(bytes.data() + record, "CGXL", 4) == 0, "tables_small_pca2x.cgct cross-layer record located");
+  auto put_float = [](std::vector<uint8_t>& b, size_t at, float v) { std::memcpy(b.data() + at, &v, 4); };
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"cross_layer", parse_edited(bytes, [&](auto& b) { b[record + 6] = 1; })},  // reserved
+      {"cross_layer.steps", parse_edited(bytes, [&](auto& b) { put_float(b, record + steps_at, -1.0f); })},
+      {"cross_layer.decode_matrix", parse_edited(bytes, [&](auto& b) {  // row 1 = row 0: singular
+         std::memcpy(b.data() + record + matrix_at + 4 * width, b.data() + record + matrix_at, 4 * width);
+       })},
+      {"cross_layer.predict_matrix", parse_edited(bytes, [&](auto& b) { put_float(b, record + predict_at, NAN); })},
+      {"cross_layer.predict_matrix", parse_edited(bytes, [](auto& b) { b.resize(b.size() - 4); })},
+      {"tables_size", parse_edited(bytes, [](auto& b) { b.resize(b.size() + 4, 0); })},
+  };
+  for (const auto& [want, got] : cases) check(got == want, "bad cross-layer record -> " + got + " (want " + want + ")");
 }
 
 // Level 8's constants and TOKEN_CLASSES nibbles (FORMAT.md §5.6): mult[v] is 2^((v - 8) / 2) rounded to f32 and
@@ -237,6 +261,7 @@ int main(int argc, char** argv) {
   GoldenTables tables;
   const auto plain_bytes = read_file(dir + "/tables_small.cgct"), pca_bytes = read_file(dir + "/tables_small_pca.cgct");
   const auto pca2t_bytes = read_file(dir + "/tables_small_pca2t.cgct");
+  const auto pca2x_bytes = read_file(dir + "/tables_small_pca2x.cgct");
   cachegen::parse_tables(plain_bytes.data(), plain_bytes.size(), &tables.plain);
   check(cachegen::parse_tables(pca_bytes.data(), pca_bytes.size(), &tables.pca).empty() && tables.pca.transform &&
             !tables.plain.transform && tables.pca.transform->probe_queries == 0,
@@ -244,6 +269,9 @@ int main(int argc, char** argv) {
   check(cachegen::parse_tables(pca2t_bytes.data(), pca2t_bytes.size(), &tables.pca2t).empty() &&
             tables.pca2t.transform && tables.pca2t.transform->probe_queries == 4,
         "tables_small_pca2t.cgct has a transform record and a probe of 4 queries per head");
+  check(cachegen::parse_tables(pca2x_bytes.data(), pca2x_bytes.size(), &tables.pca2x).empty() &&
+            tables.pca2x.transform && tables.pca2x.transform->cross_layer.count(9) == 1,
+        "tables_small_pca2x.cgct has a transform record and level 9's cross-layer record");
   std::ifstream manifest(dir + "/MANIFEST");
   std::string line;
   while (std::getline(manifest, line)) {
@@ -273,12 +301,21 @@ int main(int argc, char** argv) {
   check(cachegen::decode_frame(pca2t.data(), frame, &tables.pca, &out) == "tables",
         "pca2t_small.bin with tables lacking level 8 -> tables");
   check_bad_probes(pca2t_bytes, tables.pca2t);
+  const auto pca2x = read_file(dir + "/pca2x_small.bin");
+  check(verdict(pca2x, tables, &out).empty() && within_bf16_step(out, read_file(dir + "/pca2x_small_decoded.bin")),
+        "pca2x_small.bin decodes to pca2x_small_decoded.bin within one bf16 step");
+  check(same_tokens(out, read_file(dir + "/small_kv.bin"), 40, 16, 4), "pca2x_small.bin sink tokens 0-3 exact (raw)");
+  cachegen::parse_frame(pca2x.data(), pca2x.size(), &frame);
+  check(cachegen::decode_frame(pca2x.data(), frame, &tables.pca, &out) == "tables",
+        "pca2x_small.bin with tables lacking level 9 -> tables");
+  check_bad_cross_layer(pca2x_bytes, tables.pca2x);
   for (bool corrupt : {false, true}) {
     const std::string what = corrupt ? " catches a flipped word" : " equals decode_symbols_cpu";
     check(symbol_kernel_on_host<0>(pca2, tables.pca, corrupt), "CUDA symbol stream code on the host, pca2" + what);
     check(symbol_kernel_on_host<0>(pca2t, tables.pca2t, corrupt), "CUDA symbol stream code on the host, pca2t" + what);
     check(symbol_kernel_on_host<16>(pca2t, tables.pca2t, corrupt),
           "CUDA symbol stream code on the host, pca2t, register path" + what);
+    check(symbol_kernel_on_host<16>(pca2x, tables.pca2x, corrupt), "CUDA symbol stream code on the host, pca2x" + what);
   }
   check_token_classes();
   std::printf("%d failure(s)\n", failures);

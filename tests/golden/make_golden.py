@@ -57,6 +57,8 @@ def build() -> dict[str, tuple[bytes, str]]:
     pca2 = encode(kv, SMALL, MODEL, level=7, tables=pca_tables)  # token_start 0: tokens 0-3 escaped (sinks)
     pca2t_tables = _per_coefficient(calibrate(_samples(), SMALL, MODEL, transform=_full_transform()))
     pca2t = encode(kv, SMALL, MODEL, level=8, tables=pca2t_tables)  # classes 4-10 occur; tokens 0-3 escaped
+    pca2x_tables = calibrate(_samples(), SMALL, MODEL, transform=_cross_layer_transform())
+    pca2x = encode(kv, SMALL, MODEL, level=9, tables=pca2x_tables)  # tokens 0-3 escaped
     return {
         "raw_tiny.bin": (raw, "ok"),
         "tables_small.cgct": (tables.to_bytes(), "tables"),
@@ -89,6 +91,11 @@ def build() -> dict[str, tuple[bytes, str]]:
         "pca2t_small.bin": (pca2t, "transform"),
         "pca2t_small_decoded.bin": (b"", "values"),  # filled in by the writer from the reference decoder
         "transform_bad_classes_size.bin": (_grown_section(pca2t, 2), "section.size"),  # TOKEN_CLASSES 41 bytes
+        # Level 9 (FORMAT.md §5.7): the same KV predicted layer from layer with the tables' cross-layer record
+        # (§8.3), designed on KV whose layers follow each other, so a decoder that drops the prediction is far off.
+        "tables_small_pca2x.cgct": (pca2x_tables.to_bytes(), "tables"),
+        "pca2x_small.bin": (pca2x, "transform"),
+        "pca2x_small_decoded.bin": (b"", "values"),  # filled in by the writer from the reference decoder
     }
 
 
@@ -145,10 +152,24 @@ def _per_coefficient(tables):
 
 
 def _full_transform():
-    """The fixture's transform with every level's steps (0.05, 0.2, 0.8 for levels 6-8) and its random probe."""
+    """The fixture's transform with levels 6-8's steps (0.05, 0.2, 0.8) and its random probe, without the
+    cross-layer record (these files predate level 9)."""
+    import dataclasses
+
     from tests.unit.codec_fixtures import tiny_transform
 
-    return tiny_transform([small_kv(64, 1), small_kv(64, 2)], SMALL)
+    return dataclasses.replace(tiny_transform([small_kv(64, 1), small_kv(64, 2)], SMALL), cross_layer={})
+
+
+def _cross_layer_transform():
+    """The fixture's transform with level 7's steps (a transform record lists at least one level) and level 9's
+    cross-layer record: a closed-loop design at step 0.1 on KV whose layers follow each other."""
+    import dataclasses
+
+    from tests.unit.codec_fixtures import tiny_transform
+
+    full = tiny_transform([small_kv(64, 1), small_kv(64, 2)], SMALL)
+    return dataclasses.replace(full, steps={7: full.steps[7]}, probe=None)
 
 
 def _tiny_transform():
@@ -173,6 +194,9 @@ def main() -> None:
     pca2t_tables = load_tables(entries["tables_small_pca2t.cgct"][0])
     decoded = decode(entries["pca2t_small.bin"][0], SMALL, MODEL, tables=pca2t_tables, backend="reference")
     entries["pca2t_small_decoded.bin"] = (decoded.view(torch.int16).numpy().tobytes(), "values")
+    pca2x_tables = load_tables(entries["tables_small_pca2x.cgct"][0])
+    decoded = decode(entries["pca2x_small.bin"][0], SMALL, MODEL, tables=pca2x_tables, backend="reference")
+    entries["pca2x_small_decoded.bin"] = (decoded.view(torch.int16).numpy().tobytes(), "values")
     lines = []
     for name, (data, expect) in entries.items():
         (HERE / name).write_bytes(data)

@@ -22,6 +22,7 @@ def test_cpp_golden_frames(tmp_path: Path) -> None:
     sources = [
         ROOT / "kernels/tests/test_golden.cpp",
         ROOT / "kernels/cpu/frame.cpp",
+        ROOT / "kernels/cpu/tables_file.cpp",
         ROOT / "kernels/cpu/codec_cpu.cpp",
     ]
     subprocess.run(["g++", *FLAGS, "-ffp-contract=off", "-pthread", *map(str, sources), "-o", str(binary)], check=True)
