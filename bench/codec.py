@@ -154,7 +154,13 @@ def _setup(args: argparse.Namespace):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cachegen.codec import calibrate
-    from cachegen.codec.calibrate_cli import SENSITIVITY_TOKENS, calibration_texts, collect_kv, fit_for_model
+    from cachegen.codec.calibrate_cli import (
+        CALIBRATION_TOKENS,
+        SENSITIVITY_TOKENS,
+        calibration_texts,
+        collect_kv,
+        fit_for_model,
+    )
     from cachegen.config import Settings
     from cachegen.model import ensure_model, kv_layout, model_fingerprint
 
@@ -172,7 +178,8 @@ def _setup(args: argparse.Namespace):
     texts = calibration_texts(4)
     # Calibrate on the tail of each text, evaluate on the head: tables never see the evaluated tokens.
     tails = [text[len(text) // 2 :] for text in (texts[1], texts[0], texts[2])]
-    samples, sensitivity, transform = fit_for_model(model, tokenizer, tails, layout, 2048, SENSITIVITY_TOKENS)
+    samples, sensitivity, transform = fit_for_model(model, tokenizer, tails, layout, CALIBRATION_TOKENS,
+                                                    SENSITIVITY_TOKENS)  # fmt: skip
     tables = calibrate(samples, layout, model_id, sensitivity, transform)
     docs = []
     for text in [texts[0], texts[3], texts[1]][: args.documents]:

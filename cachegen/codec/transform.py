@@ -32,14 +32,16 @@ _HEAD = struct.Struct("<4sHHI")  # magic, num_levels, reserved, num_sinks
 TRANSFORM_MAGIC = b"CGTX"
 _CROSS_HEAD = struct.Struct("<4sHH")  # magic, num_levels, reserved
 CROSS_LAYER_MAGIC = b"CGXL"
+MAX_DEPTH = 8
+"""Most layers before it that a cross-layer prediction may read (FORMAT.md §8.3)."""
 
 
 @dataclass(slots=True, frozen=True)
 class CrossLayer:
     """One cross-layer predicted level (FORMAT.md §5.7, §8.3): its own ``steps`` and ``mean`` (L, 2, W),
-    ``decode_matrix`` (L, 2, W, W) (row c: the direction of coefficient c) and ``predict_matrix`` (L - 1, 2, 2W, W):
-    entry [l - 1][kv][j][i] weighs feature j of layer l's prediction, layer l - 1's decoded keys (j < W) then
-    values, into channel i. All float32."""
+    ``decode_matrix`` (L, 2, W, W) (row c: the direction of coefficient c) and ``predict_matrix`` (L, 2, F, W):
+    entry [l][kv][j][i] weighs feature j of (l, kv)'s prediction into channel i, F = (2 depth + 1) W features:
+    layers l - 1 .. l - depth decoded keys then values, then layer l's keys (values only). All float32."""
 
     steps: np.ndarray
     mean: np.ndarray
@@ -53,9 +55,14 @@ class CrossLayer:
     def __post_init__(self) -> None:
         object.__setattr__(self, "encode_matrix", _inverse(self.decode_matrix))
 
+    @property
+    def depth(self) -> int:
+        """How many layers before each layer its prediction reads."""
+        return (self.predict_matrix.shape[2] // self.predict_matrix.shape[3] - 1) // 2
+
     def to_bytes(self) -> bytes:
         arrays = (self.steps, self.mean, self.decode_matrix, self.predict_matrix)
-        return b"".join(a.astype("<f4").tobytes() for a in arrays)
+        return struct.pack("<B", self.depth) + b"".join(a.astype("<f4").tobytes() for a in arrays)
 
 
 @dataclass(slots=True, frozen=True)
@@ -139,11 +146,13 @@ def read_cross_layer(take, layout: KVLayout) -> dict[int, CrossLayer]:
     layers, width = layout.num_layers, layout.num_kv_heads * layout.head_dim
     out = {}
     for _ in range(num_levels):
-        (level,) = struct.unpack("<B", take(1, "cross_layer.level"))
+        level, depth = struct.unpack("<BB", take(2, "cross_layer.level"))
+        if not 1 <= depth <= MAX_DEPTH:
+            raise FormatError("cross_layer.depth", 0, depth, f"depth must be 1..{MAX_DEPTH}")
         steps = _steps(take, (layers, 2, width), "cross_layer.steps")
         mean = _floats(take, (layers, 2, width), "cross_layer.mean")
         matrix = _decode_matrix(take, (layers, 2, width, width), "cross_layer.decode_matrix")
-        predict = _floats(take, (layers - 1, 2, 2 * width, width), "cross_layer.predict_matrix")
+        predict = _floats(take, (layers, 2, (2 * depth + 1) * width, width), "cross_layer.predict_matrix")
         out[level] = CrossLayer(steps, mean, matrix, predict)
     return out
 

@@ -142,13 +142,15 @@ std::string read_cross_layer(Cursor& in, const TablesFile& t, TransformData* tx)
   if (std::memcmp(head, "CGXL", 4) != 0 || load<uint16_t>(head + 6) != 0 || num_levels < 1 || num_levels > 255)
     return "cross_layer";
   const uint64_t width = uint64_t(t.heads) * t.head_dim, per_level = uint64_t(t.layers) * 2 * width;
-  // (L - 1) 2 2W W floats: L < 2^16 and W < 2^32, so saturate as take_matrices does instead of wrapping
-  const uint64_t rows = (uint64_t(t.layers) - 1) * 4 * width;
-  const uint64_t predict_floats = rows != 0 && rows > UINT64_MAX / width ? UINT64_MAX : rows * width;
   for (uint32_t i = 0; i < num_levels; ++i) {
-    const uint8_t* level = in.take(1);
+    const uint8_t* level = in.take(2);  // level, depth
     if (!level) return "cross_layer.level";
     CrossLayerData cl;
+    cl.depth = level[1];
+    if (cl.depth < 1 || cl.depth > kMaxDepth) return "cross_layer.depth";
+    // L 2 (2 depth + 1) W W floats: L < 2^16, depth <= 8 and W < 2^32, so saturate as take_matrices does
+    const uint64_t rows = per_level * (2 * cl.depth + 1);
+    const uint64_t predict_floats = rows > UINT64_MAX / width ? UINT64_MAX : rows * width;
     std::string bad = take_steps(in, per_level, "cross_layer.steps", &cl.steps);
     if (bad.empty()) bad = take_floats(in, per_level, "cross_layer.mean", &cl.mean);
     if (bad.empty()) bad = take_matrices(in, t, "cross_layer.decode_matrix", &cl.decode_matrix);

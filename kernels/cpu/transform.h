@@ -47,12 +47,15 @@ inline bool unpack_token_classes(const uint8_t* data, uint64_t size, uint32_t la
   return true;
 }
 
+constexpr uint32_t kMaxDepth = 8;  // most layers a cross-layer prediction reads (FORMAT.md §8.3)
+
 // One level of a tables file's cross-layer record (FORMAT.md §8.3); W = heads * head_dim.
 struct CrossLayerData {
+  uint32_t depth = 1;                 // layers before each layer that its prediction reads
   std::vector<float> steps;           // (layers, 2, W)
   std::vector<float> mean;            // (layers, 2, W)
   std::vector<float> decode_matrix;   // (layers, 2, W, W): row c is the direction of coefficient c
-  std::vector<float> predict_matrix;  // (layers - 1, 2, 2W, W): row j weighs layer l - 1's keys (j < W), values
+  std::vector<float> predict_matrix;  // (layers, 2, (2 depth + 1) W, W): row j weighs feature j (§5.7)
 };
 
 // A tables file's transform record (FORMAT.md §8.1); W = heads * head_dim.
@@ -201,49 +204,55 @@ inline void dequantize_transform(const TransformShape& s, const TransformData& t
   }
 }
 
+// Feature j of (l, kv)'s prediction (FORMAT.md §5.7) from one token's decoded vectors x (L, 2, W): layer l - d's
+// keys then values for d = 1..depth, then layer l's keys for values; 0 below layer 0 and for keys' last block.
+inline float cross_layer_feature(const std::vector<float>& x, uint32_t depth, uint32_t l, uint32_t kv, uint32_t j,
+                                 uint32_t W) {
+  const uint32_t block = j / W, d = block / 2 + 1;
+  if (block == 2 * depth) return kv == 1 ? x[(uint64_t(l) * 2) * W + j % W] : 0.0f;
+  return l >= d ? x[(uint64_t(l - d) * 2 + block % 2) * W + j % W] : 0.0f;
+}
+
 // Symbols (L, 2, H, T, D) of a level-9 frame -> 16-bit values (L, 2, H, T, D), keys rotated back (FORMAT.md §5.7),
-// the escapes left to the caller. Token by token, layer by layer: x = mean + y M + f P in f64, f the previous
-// layer's x (keys then values) as f32, the width the next layer reads it at.
+// the escapes left to the caller. Token by token, layer by layer, keys before values: x = mean + y M + f P in f64,
+// each x kept as f32 for the features of what follows.
 inline void dequantize_cross_layer(const TransformShape& s, const TransformData& tx, const CrossLayerData& cl,
                                    const int32_t* symbols, uint16_t* out) {
-  const uint32_t D = s.head_dim, half = D / 2, W = s.heads * D, T = s.num_tokens;
-  std::vector<float> cos_t, sin_t, x(2 * W), features(2 * W);
+  const uint32_t D = s.head_dim, half = D / 2, W = s.heads * D, T = s.num_tokens, F = (2 * cl.depth + 1) * W;
+  std::vector<float> cos_t, sin_t, x(uint64_t(s.layers) * 2 * W);
   std::vector<double> sum(W);
   rotary(tx.inv_freq, s.token_start, T, &cos_t, &sin_t);
   for (uint32_t t = 0; t < T; ++t) {
-    for (uint32_t l = 0; l < s.layers; ++l) {
-      for (uint32_t kv = 0; kv < 2; ++kv) {
-        const uint64_t lk = uint64_t(l) * 2 + kv;
-        auto at = [&](uint32_t h, uint32_t d) { return ((lk * s.heads + h) * T + t) * D + d; };
-        const float* mean = cl.mean.data() + lk * W;
-        const float* matrix = cl.decode_matrix.data() + lk * W * W;
-        for (uint32_t i = 0; i < W; ++i) sum[i] = mean[i];
-        for (uint32_t c = 0; c < W; ++c) {
-          const float y = static_cast<float>(symbols[at(c / D, c % D)] - kMaxCoefficient) * cl.steps[lk * W + c];
-          if (y == 0) continue;
-          for (uint32_t i = 0; i < W; ++i) sum[i] += double(y) * matrix[uint64_t(c) * W + i];
+    for (uint64_t lk = 0; lk < uint64_t(s.layers) * 2; ++lk) {
+      const uint32_t l = uint32_t(lk / 2), kv = uint32_t(lk % 2);
+      auto at = [&](uint32_t h, uint32_t d) { return ((lk * s.heads + h) * T + t) * D + d; };
+      const float* matrix = cl.decode_matrix.data() + lk * W * W;
+      const float* predict = cl.predict_matrix.data() + lk * F * W;
+      for (uint32_t i = 0; i < W; ++i) sum[i] = cl.mean[lk * W + i];
+      for (uint32_t c = 0; c < W; ++c) {
+        const float y = static_cast<float>(symbols[at(c / D, c % D)] - kMaxCoefficient) * cl.steps[lk * W + c];
+        if (y == 0) continue;
+        for (uint32_t i = 0; i < W; ++i) sum[i] += double(y) * matrix[uint64_t(c) * W + i];
+      }
+      for (uint32_t j = 0; j < F; ++j) {
+        const float f = cross_layer_feature(x, cl.depth, l, kv, j, W);
+        if (f == 0) continue;
+        for (uint32_t i = 0; i < W; ++i) sum[i] += double(f) * predict[uint64_t(j) * W + i];
+      }
+      float* v = x.data() + lk * W;
+      for (uint32_t i = 0; i < W; ++i) v[i] = static_cast<float>(sum[i]);
+      for (uint32_t h = 0; h < s.heads; ++h) {
+        const float* u = v + h * D;
+        if (kv == 1) {
+          for (uint32_t d = 0; d < D; ++d) out[at(h, d)] = round_to_16(u[d], s.is_bf16);
+          continue;
         }
-        if (l > 0) {
-          const float* predict = cl.predict_matrix.data() + ((uint64_t(l) - 1) * 2 + kv) * 2 * W * W;
-          for (uint32_t j = 0; j < 2 * W; ++j)
-            for (uint32_t i = 0; i < W; ++i) sum[i] += double(features[j]) * predict[uint64_t(j) * W + i];
-        }
-        float* v = x.data() + kv * W;
-        for (uint32_t i = 0; i < W; ++i) v[i] = static_cast<float>(sum[i]);
-        for (uint32_t h = 0; h < s.heads; ++h) {
-          const float* u = v + h * D;
-          if (kv == 1) {
-            for (uint32_t d = 0; d < D; ++d) out[at(h, d)] = round_to_16(u[d], s.is_bf16);
-            continue;
-          }
-          for (uint32_t i = 0; i < half; ++i) {
-            const float cs = cos_t[t * half + i], sn = sin_t[t * half + i];
-            out[at(h, i)] = round_to_16(u[i] * cs - u[i + half] * sn, s.is_bf16);
-            out[at(h, i + half)] = round_to_16(u[i + half] * cs + u[i] * sn, s.is_bf16);
-          }
+        for (uint32_t i = 0; i < half; ++i) {
+          const float cs = cos_t[t * half + i], sn = sin_t[t * half + i];
+          out[at(h, i)] = round_to_16(u[i] * cs - u[i + half] * sn, s.is_bf16);
+          out[at(h, i + half)] = round_to_16(u[i + half] * cs + u[i] * sn, s.is_bf16);
         }
       }
-      features = x;  // this layer's keys then values: the next layer's prediction reads them
     }
   }
 }

@@ -165,15 +165,18 @@ void check_bad_probes(const std::vector<uint8_t>& bytes, const cachegen::TablesF
 }
 
 // Bad cross-layer records (FORMAT.md §8.3), made from tables_small_pca2x.cgct: the fields are those
-// transform.read_cross_layer reports. The record ends at the CRC: head, level byte, steps, mean, matrices.
+// transform.read_cross_layer reports. The record ends at the CRC: head, level and depth bytes, steps, mean, matrices.
 void check_bad_cross_layer(const std::vector<uint8_t>& bytes, const cachegen::TablesFile& t) {
   const size_t width = size_t(t.heads) * t.head_dim, per_level = size_t(t.layers) * 2 * width;
-  const size_t steps_at = 9, matrix_at = steps_at + 8 * per_level, predict_at = matrix_at + 4 * per_level * width;
-  const size_t record = bytes.size() - 4 - (predict_at + 4 * (size_t(t.layers) - 1) * 4 * width * width);
+  const uint32_t depth = t.transform->cross_layer.at(9).depth;
+  const size_t steps_at = 10, matrix_at = steps_at + 8 * per_level, predict_at = matrix_at + 4 * per_level * width;
+  const size_t record = bytes.size() - 4 - (predict_at + 4 * per_level * (2 * depth + 1) * width);
   check(std::memcmp(bytes.data() + record, "CGXL", 4) == 0, "tables_small_pca2x.cgct cross-layer record located");
   auto put_float = [](std::vector<uint8_t>& b, size_t at, float v) { std::memcpy(b.data() + at, &v, 4); };
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"cross_layer", parse_edited(bytes, [&](auto& b) { b[record + 6] = 1; })},  // reserved
+      {"cross_layer.depth", parse_edited(bytes, [&](auto& b) { b[record + 9] = 0; })},
+      {"cross_layer.depth", parse_edited(bytes, [&](auto& b) { b[record + 9] = 9; })},
       {"cross_layer.steps", parse_edited(bytes, [&](auto& b) { put_float(b, record + steps_at, -1.0f); })},
       {"cross_layer.decode_matrix", parse_edited(bytes, [&](auto& b) {  // row 1 = row 0: singular
          std::memcpy(b.data() + record + matrix_at + 4 * width, b.data() + record + matrix_at, 4 * width);

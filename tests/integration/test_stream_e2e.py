@@ -69,15 +69,17 @@ def _knobs(**cachegen: object) -> dict:
 
 @pytest.fixture(scope="session")
 def codec_tables(model_dir: Path) -> Path:
-    """The model's calibrated tables (levels >= 1 need them); calibrates once (~1-2 min) when missing. These tests
+    """The model's calibrated tables (levels >= 1 need them); calibrates once (~4 min) when missing. These tests
     need valid tables, not the best: the sensitivity context stays at 1,024 tokens (the default's 8,000 cost CI
-    more than its 10-minute limit on two shared cores)."""
+    more than its 10-minute limit on two shared cores) and the samples at 2,048 tokens (the default's 4,096 took
+    8.5 min here)."""
     settings = Settings.from_env()
     layout = kv_layout(model_dir, "bfloat16", settings.codec.tokens_per_chunk)
     path = default_tables_path(settings.home, model_fingerprint(model_dir, layout))
     if not path.is_file():
-        subprocess.run([sys.executable, "-m", "server.cli", "calibrate", "--model", str(model_dir),
-                        "--sensitivity-tokens", "1024"], cwd=REPO, check=True, timeout=600)  # fmt: skip
+        command = [sys.executable, "-m", "server.cli", "calibrate", "--model", str(model_dir),
+                   "--sensitivity-tokens", "1024", "--tokens", "2048"]  # fmt: skip
+        subprocess.run(command, cwd=REPO, check=True, timeout=600)
     assert path.is_file(), f"calibration wrote no tables at {path}"
     return path
 

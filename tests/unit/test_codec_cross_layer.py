@@ -84,7 +84,8 @@ def _edited(data: bytes, offset: int, payload: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("edit, field", [
-    ("reserved", "cross_layer"), ("step", "cross_layer.steps"), ("singular", "cross_layer.decode_matrix"),
+    ("reserved", "cross_layer"), ("depth 0", "cross_layer.depth"), ("depth 9", "cross_layer.depth"),
+    ("step", "cross_layer.steps"), ("singular", "cross_layer.decode_matrix"),
     ("nan", "cross_layer.predict_matrix"), ("truncated", "cross_layer.predict_matrix"), ("trailing", "tables_size"),
 ])  # fmt: skip
 def test_hostile_cross_layer_records_name_their_field(tables, edit: str, field: str) -> None:
@@ -92,11 +93,13 @@ def test_hostile_cross_layer_records_name_their_field(tables, edit: str, field: 
     data = tables.to_bytes()
     record = data.index(CROSS_LAYER_MAGIC)
     width = LAYOUT.num_kv_heads * LAYOUT.head_dim
-    steps_at, per_level = record + 9, LAYOUT.num_layers * 2 * width
+    steps_at, per_level = record + 10, LAYOUT.num_layers * 2 * width  # head 8, level 1, depth 1
     matrix_at = steps_at + 8 * per_level
     predict_at = matrix_at + 4 * per_level * width
     if edit == "reserved":
         data = _edited(data, record + 6, b"\1")
+    elif edit in ("depth 0", "depth 9"):
+        data = _edited(data, record + 9, bytes([int(edit[-1])]))
     elif edit == "step":
         data = _edited(data, steps_at, struct.pack("<f", -1.0))
     elif edit == "singular":  # row 1 = row 0

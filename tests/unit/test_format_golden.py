@@ -122,4 +122,5 @@ def test_cross_layer_golden_frame_decodes_within_rounding(backend: str) -> None:
     blind = dataclasses.replace(record, predict_matrix=np.zeros_like(record.predict_matrix))
     tables.transform.cross_layer[9] = blind  # same tables id: only the prediction differs
     dropped = decode(read("pca2x_small.bin"), SMALL, MODEL, tables=tables, backend=backend).float()
-    assert float((dropped - want)[1:, :, :, 4:].abs().mean()) > 0.5  # 0.84 measured; layer 1 averages |0.91|
+    assert float((dropped - want)[1:, :, :, 4:].abs().mean()) > 0.5  # 0.77 measured; layer 1 averages |0.90|
+    assert float((dropped - want)[0, 1, :, 4:].abs().mean()) > 0.08  # 0.16: layer 0's values read its keys
