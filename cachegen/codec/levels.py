@@ -98,6 +98,6 @@ SCHEMES: tuple[Scheme, ...] = (
     Scheme("pca3", target_bits=2.6, range_margin=1.2),
     Scheme("pca2", target_bits=1.70, range_margin=0.8),
     Scheme("pca2t", target_bits=1.82, range_margin=0.8, token_adaptive=True),
-    Scheme("pca2x", target_bits=1.55, range_margin=1.2, cross_layer=True),
+    Scheme("pca2x", target_bits=1.50, range_margin=1.2, cross_layer=True),
 )
 SCHEME_BY_LEVEL: dict[int, Scheme] = {LEVEL_BY_NAME[s.name].id: s for s in SCHEMES}
