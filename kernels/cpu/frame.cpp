@@ -9,13 +9,6 @@
 namespace cachegen {
 namespace {
 
-template <class T>
-T load(const uint8_t* p) {
-  T value;
-  std::memcpy(&value, p, sizeof(T));  // little-endian host assumed (x86-64, aarch64), as FORMAT.md §2
-  return value;
-}
-
 std::string check_fixed(const uint8_t* d, size_t len, FrameView* f, size_t* head) {
   if (len < kHeaderSize) return "header";
   if (load<uint32_t>(d) != kMagic) return "magic";

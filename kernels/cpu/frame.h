@@ -4,6 +4,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -12,6 +13,14 @@
 #include "transform.h"
 
 namespace cachegen {
+
+// A T from untrusted, possibly unaligned bytes; little-endian host assumed (x86-64, aarch64), as FORMAT.md §2.
+template <class T>
+T load(const uint8_t* p) {
+  T value;
+  std::memcpy(&value, p, sizeof(T));
+  return value;
+}
 
 struct SectionView {
   uint32_t kind;

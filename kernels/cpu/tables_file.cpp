@@ -10,13 +10,6 @@
 namespace cachegen {
 namespace {
 
-template <class T>
-T load(const uint8_t* p) {
-  T value;
-  std::memcpy(&value, p, sizeof(T));  // little-endian host assumed (x86-64, aarch64), as FORMAT.md §2
-  return value;
-}
-
 // Bounds-checked cursor over untrusted bytes, as _Reader in cachegen/codec/tables.py: take() hands out the next
 // `size` bytes, or nullptr (moving nowhere) when fewer are left, and the caller names the field.
 struct Cursor {
