@@ -13,7 +13,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "codec": ("bench.codec", "size, fidelity and throughput per codec level"),
     "codec-speed": (
         "bench.codec_speed",
-        "one-core C++ decode Msym/s per level on real KV: rANS beside an old build, levels 6-8's inverse beside torch",
+        "one-core decode Msym/s per level on real KV: rANS beside an old build, transform inverses beside torch",
     ),
     "codec-gpu": ("bench.codec_gpu", "CUDA decode speed per level on exported real KV, next to the CPU extension"),
     "store": ("bench.store", "KV store put/fetch throughput and lookup latency per backend"),

@@ -11,7 +11,8 @@ calls on one thread:
   outputs must equal the current build's bit for bit. On a CPU with the AVX-512 decode path, the same build's
   portable lanes (`simd=False`) are timed the same way, for `simd_speedup`.
 - "inverse" (transform levels): their step after the streams, symbols to bf16 KV, the extension's against
-  torch's (`torch_speedup`; the two agree within f32 rounding, `share_identical` says how many bit for bit).
+  torch's (`torch_speedup`; the two agree within f32 rounding, `share_identical` says how many bit for bit);
+  for level 9 (pca2x), whose prediction down the layers only torch runs, torch's alone.
 """
 
 from __future__ import annotations

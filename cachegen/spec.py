@@ -84,7 +84,7 @@ rANS-coded with per-model tables (``cachegen calibrate``), 6-9 transform-coded w
 (calibrated with the model; 8 also gives each token a step class, 9 predicts each layer from the one before);
 FORMAT.md §5 defines each."""
 
-LOSSY_ORDER: tuple[str, ...] = ("q8", "pca3", "pca2x", "q32", "pca2", "pca2t", "default", "small")
+LOSSY_ORDER: tuple[str, ...] = ("q8", "pca2x", "pca3", "q32", "pca2", "pca2t", "default", "small")
 """Lossy levels from most to least faithful, by measured fidelity (README's codec table), not by id."""
 
 LEVEL_BY_NAME = {level.name: level for level in LEVELS}

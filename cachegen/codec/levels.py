@@ -5,7 +5,8 @@ A schedule has three key groups split at round(L*10/32) and round(L*20/32) (Cach
 the model's depth) and two value groups, layers [0, 2) and the rest. "default" and "small" share bins out by
 each (layer, K|V) group's measured sensitivity when calibrated with the model (``mean_bins``;
 cachegen/codec/sensitivity.py); the fixed schedules below are their fallback. "pca3" and "pca2" code a per-model
-transform's coefficients instead (cachegen/codec/transform.py). Measured on real SmolLM2 KV (an essay and pydoc,
+transform's coefficients instead (cachegen/codec/transform.py); "pca2x" those of what a prediction from the
+layers before misses (cachegen/codec/cross_layer.py). Measured on real SmolLM2 KV (an essay and pydoc,
 teacher-forced over 256 tokens, tables, sensitivity and transform calibrated on other text; README has more):
 
     level / schedule (K / V bins)       2K tokens: bits/value  top-1   KL      8K tokens: bits  top-1  KL
@@ -18,6 +19,8 @@ teacher-forced over 256 tokens, tables, sensitivity and transform calibrated on 
     transform, 1.75 bits target ("pca2") 1.98       0.953   0.012                1.96   0.939  0.038
     + token classes, 1.75 target ("pca2t") 1.90   0.951   0.0095
     + token classes, 1.82 target ("pca2t")                               1.84   0.927  0.056
+    + prediction from the layers before, 1.50 target ("pca2x")
+                                        1.98        0.982   0.0035               1.96   0.965  0.0076
 
 Tried and lost: per-channel key normalization before the token max (3.1 bits/value, top-1 0.88: the outlier
 channels are the ones attention needs precise), fixed per-channel steps without token scales (0.82 at 3.0),
