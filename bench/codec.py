@@ -270,8 +270,11 @@ def _plot(rows: list[dict], path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from cachegen import obs
+    from cachegen.config import Settings
     from cachegen.spec import LEVELS
 
+    obs.configure_logging(Settings.from_env().log)  # calibration and each level's row take minutes: say so
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ctx = _setup(args)
     wanted = set(args.levels.split(",")) if args.levels else {level.name for level in LEVELS}
