@@ -43,7 +43,9 @@ STORE_FETCH_CHUNKS = Counter("cachegen_store_fetch_chunks_total", "Chunks answer
 
 # --- HTTP API (server/api) ----------------------------------------------------------------------------------------
 _TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
-API_REQUESTS = Counter("cachegen_api_requests_total", "HTTP requests answered, by route and status.", ["route", "status"])
+API_REQUESTS = Counter(
+    "cachegen_api_requests_total", "HTTP requests answered, by route and status.", ["route", "status"]
+)
 API_TTFT_SECONDS = Histogram(
     "cachegen_api_ttft_seconds", "Time to first token of generation requests, by endpoint.", ["endpoint"],
     buckets=_TTFT_BUCKETS_S,
@@ -59,7 +61,9 @@ API_CONTEXT_REGISTER_SECONDS = Histogram(
     buckets=_TTFT_BUCKETS_S,
 )  # fmt: skip
 API_CONTEXT_EVENTS = Counter(
-    "cachegen_api_context_events_total", "Cached-context lifecycle events.", ["event"]  # created|deleted|expired|failed
+    "cachegen_api_context_events_total",
+    "Cached-context lifecycle events.",
+    ["event"],  # created|deleted|expired|failed
 )
 
 # --- KV connector (cachegen/connector; counted in vLLM's engine processes, exposed in multiprocess mode) ----------
