@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cachegen.codec.transform import MAX_COEFFICIENT, CrossLayer, Transform, from_vectors, to_vectors
+from cachegen.codec.transform import MAX_COEFFICIENT, CrossLayer, Transform, from_vectors, on_device, to_vectors
 from cachegen.spec import KVLayout
 
 
@@ -36,7 +36,7 @@ def prediction(decoded: torch.Tensor, record: CrossLayer, layer: int, kind: int)
     blocks = sources(layer, kind, record.depth)
     if not blocks:
         return 0.0
-    width, matrix = decoded.shape[-1], _predict_on(record, decoded.device)[layer, kind]
+    width, matrix = decoded.shape[-1], _arrays(record, decoded.device)[3][layer, kind]
     inputs = torch.cat([decoded[source, k] for source, k, _ in blocks], -1)
     first, last = blocks[0][2], blocks[-1][2]
     if last - first + 1 == len(blocks):  # every layer past the first `depth`: one view, no copy
@@ -86,7 +86,7 @@ def dequantize(
     layers, _, heads, tokens, dim = q.shape
     y = q.permute(0, 1, 3, 2, 4).reshape(layers, 2, tokens, heads * dim)
     record = transform.cross_layer[level]
-    steps, mean, decode = _on_device(record, device)
+    steps, mean, decode, _ = _arrays(record, device)
     x = (y.to(decode.dtype) * steps[:, :, None]) @ decode + mean[:, :, None]
     for layer in range(layers):
         for kind in (0, 1):
@@ -94,23 +94,8 @@ def dequantize(
     return from_vectors(x.float(), layout, transform.inv_freq, token_start)
 
 
-def _predict_on(record: CrossLayer, device: torch.device) -> torch.Tensor:
-    """The predict matrix on ``device``: a float32 view on the CPU, a float64 copy uploaded once elsewhere."""
-    if device.type == "cpu":
-        return torch.from_numpy(record.predict_matrix)
-    key = f"predict {device}"
-    if key not in record.device_copies:
-        record.device_copies[key] = torch.from_numpy(record.predict_matrix).to(device, torch.float64)
-    return record.device_copies[key]
-
-
-def _on_device(record: CrossLayer, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(steps, mean, decode_matrix) on ``device``: float32 views on the CPU, float64 copies uploaded once
-    elsewhere (the chain's width there)."""
-    arrays = (record.steps, record.mean, record.decode_matrix)
-    if device.type == "cpu":
-        return tuple(torch.from_numpy(a) for a in arrays)
-    key = str(device)
-    if key not in record.device_copies:
-        record.device_copies[key] = tuple(torch.from_numpy(a).to(device, torch.float64) for a in arrays)
-    return record.device_copies[key]
+def _arrays(record: CrossLayer, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(steps, mean, decode_matrix, predict_matrix) on ``device``: float32 views on the CPU, float64 copies uploaded
+    once elsewhere (the chain's width there)."""
+    arrays = (record.steps, record.mean, record.decode_matrix, record.predict_matrix)
+    return on_device(record.device_copies, arrays, device, torch.float64)

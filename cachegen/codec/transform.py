@@ -50,7 +50,8 @@ class CrossLayer:
     encode_matrix: np.ndarray = field(init=False, repr=False, compare=False)
     """Derived, not stored: the inverse of ``decode_matrix`` (f64 inversion)."""
     device_copies: dict = field(init=False, repr=False, compare=False, default_factory=dict)
-    """Memo of (mean, decode_matrix, predict_matrix) on a GPU, keyed by device: uploaded once per model."""
+    """Memo of (steps, mean, decode_matrix, predict_matrix) on a GPU, keyed by device (``on_device``): uploaded
+    once per model."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encode_matrix", _inverse(self.decode_matrix))
@@ -87,7 +88,7 @@ class Transform:
     encode_matrix: np.ndarray = field(init=False, repr=False, compare=False)
     """Derived, not stored: the inverse of ``decode_matrix`` (f64 inversion). Encoders need not agree bit for bit."""
     device_copies: dict = field(init=False, repr=False, compare=False, default_factory=dict)
-    """Memo of (mean, decode_matrix) on a GPU, keyed by device (``_on_device``): uploaded once per model."""
+    """Memo of (mean, decode_matrix) on a GPU, keyed by device (``on_device``): uploaded once per model."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encode_matrix", _inverse(self.decode_matrix))
@@ -275,7 +276,7 @@ def dequantize(
     y = y * torch.from_numpy(transform.steps[level]).to(device)[:, :, None]
     if classes is not None:
         y = y * torch.from_numpy(MULTIPLIERS[classes]).to(device)[:, None, :, None]
-    mean, matrix = _on_device(transform, device)
+    mean, matrix = on_device(transform.device_copies, (transform.mean, transform.decode_matrix), device)
     if device.type == "cpu":
         x = y @ matrix + mean[:, :, None]
     else:
@@ -283,16 +284,17 @@ def dequantize(
     return from_vectors(x, layout, transform.inv_freq, token_start)
 
 
-def _on_device(transform: Transform, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, decode_matrix) as float32 tensors on ``device``: views on the CPU, uploaded once elsewhere."""
+def on_device(
+    memo: dict, arrays: tuple[np.ndarray, ...], device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, ...]:
+    """A record's float32 ``arrays`` as tensors on ``device``: views on the CPU; elsewhere ``dtype`` copies, uploaded
+    once and kept in ``memo`` (the record's ``device_copies``) by device."""
     if device.type == "cpu":
-        return torch.from_numpy(transform.mean), torch.from_numpy(transform.decode_matrix)
+        return tuple(torch.from_numpy(a) for a in arrays)
     key = str(device)
-    if key not in transform.device_copies:
-        transform.device_copies[key] = tuple(
-            torch.from_numpy(a).to(device) for a in (transform.mean, transform.decode_matrix)
-        )
-    return transform.device_copies[key]
+    if key not in memo:
+        memo[key] = tuple(torch.from_numpy(a).to(device, dtype) for a in arrays)
+    return memo[key]
 
 
 def error_bound(transform: Transform, level: int) -> np.ndarray:

@@ -103,14 +103,20 @@ std::string parse_level(Cursor& in, const TablesFile& t, LevelData* lv) {
   return "";
 }
 
+// The first `size` bytes of a transform or cross-layer record (FORMAT.md §8.1, §8.3): `magic`, num_levels (u16,
+// 1..255), reserved (u16, 0), then the record's own fields; nullptr when they are not so or the bytes run out.
+const uint8_t* take_record_head(Cursor& in, uint64_t size, const char* magic, uint32_t* num_levels) {
+  const uint8_t* head = in.take(size);
+  if (!head || std::memcmp(head, magic, 4) != 0 || load<uint16_t>(head + 6) != 0) return nullptr;
+  *num_levels = load<uint16_t>(head + 4);
+  return *num_levels >= 1 && *num_levels <= 255 ? head : nullptr;
+}
+
 // The transform record (FORMAT.md §8.1), with the field names and checks of transform.read_transform.
 std::string read_transform(Cursor& in, const TablesFile& t, TransformData* tx) {
-  const uint8_t* head = in.take(12);
-  if (!head) return "transform";
-  const uint32_t num_levels = load<uint16_t>(head + 4);
-  if (std::memcmp(head, "CGTX", 4) != 0 || load<uint16_t>(head + 6) != 0 || num_levels < 1 || num_levels > 255)
-    return "transform";
-  if (t.head_dim % 2) return "transform";  // the keys' rotary pairs (i, i + D/2)
+  uint32_t num_levels = 0;
+  const uint8_t* head = take_record_head(in, 12, "CGTX", &num_levels);
+  if (!head || t.head_dim % 2) return "transform";  // odd head_dim: no rotary pairs (i, i + D/2) for the keys
   tx->num_sinks = load<uint32_t>(head + 8);
   const uint64_t width = uint64_t(t.heads) * t.head_dim, per_level = uint64_t(t.layers) * 2 * width;
   for (uint32_t i = 0; i < num_levels; ++i) {
@@ -129,11 +135,8 @@ std::string read_transform(Cursor& in, const TablesFile& t, TransformData* tx) {
 
 // The cross-layer record (FORMAT.md §8.3), with the field names and checks of transform.read_cross_layer.
 std::string read_cross_layer(Cursor& in, const TablesFile& t, TransformData* tx) {
-  const uint8_t* head = in.take(8);
-  if (!head) return "cross_layer";
-  const uint32_t num_levels = load<uint16_t>(head + 4);
-  if (std::memcmp(head, "CGXL", 4) != 0 || load<uint16_t>(head + 6) != 0 || num_levels < 1 || num_levels > 255)
-    return "cross_layer";
+  uint32_t num_levels = 0;
+  if (!take_record_head(in, 8, "CGXL", &num_levels)) return "cross_layer";
   const uint64_t width = uint64_t(t.heads) * t.head_dim, per_level = uint64_t(t.layers) * 2 * width;
   for (uint32_t i = 0; i < num_levels; ++i) {
     const uint8_t* level = in.take(2);  // level, depth
